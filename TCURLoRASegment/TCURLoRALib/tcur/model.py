@@ -1,0 +1,158 @@
+"""tCURLoRA on a MONAI UNETR: injection into the ViT, merge and unmerge, and what trains."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import TCURLoRAConfig
+from .groups import LinearSite, group_sites, stack_group, vit_blocks
+from .layer import TCURGroup, TCURLinear
+
+__all__ = ["DECODER_BLOCKS", "HEAD", "ParameterCounts", "TCURLoRAModel"]
+
+# UNETR's decoder path, trained with U (the paper); the output head trains only when the label set changes.
+DECODER_BLOCKS = ("decoder5", "decoder4", "decoder3", "decoder2")
+HEAD = "out"
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Trainable parameters by part, and the model's total."""
+
+    u: int
+    decoder: int
+    head: int
+    total: int
+
+    @property
+    def trainable(self) -> int:
+        return self.u + self.decoder + self.head
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable / self.total
+
+
+class TCURLoRAModel(nn.Module):
+    """A UNETR whose ViT weight groups are adapted by tCURLoRA.
+
+    The base model is modified in place: each adapted ``nn.Linear`` is wrapped by a :class:`TCURLinear` that keeps
+    the original layer as ``base_layer``. ``ΔW`` of a whole group is computed once per forward pass of the ViT (by
+    FFT, see :meth:`TCURGroup.delta_weight`) and each Linear adds its rows of it.
+
+    Args:
+        base: a MONAI ``UNETR``; its ViT weights are read, never copied per layer.
+        config: rank, groups, init and slice selection.
+
+    Example:
+        >>> model = TCURLoRAModel(UNETR(1, 2, (96, 96, 96), feature_size=16), TCURLoRAConfig(rank=8))
+        >>> counts = model.mark_trainable(train_head=False)
+    """
+
+    def __init__(self, base: nn.Module, config: TCURLoRAConfig | None = None):
+        super().__init__()
+        config = config or TCURLoRAConfig()
+        vit_blocks(base)  # validates before any work
+        self.base = base
+        self.config = config
+        self.groups = nn.ModuleDict()
+        self.sites: dict[str, list[LinearSite]] = {}
+        self._deltas: dict[str, torch.Tensor] = {}
+        self._merged_cores: dict[str, torch.Tensor] = {}
+        for name in config.groups:
+            sites = group_sites(base, name)
+            self.groups[name] = TCURGroup.from_weight(
+                stack_group(base, sites), config.rank, config.init, config.selection, config.seed
+            )
+            self.sites[name] = sites
+            for site in sites:
+                parent_path, _, attribute = site.path.rpartition(".")
+                parent = base.get_submodule(parent_path)
+                delta = functools.partial(self._site_delta, name, site)
+                setattr(parent, attribute, TCURLinear(getattr(parent, attribute), delta))
+        # One ΔW per group and forward pass; dropped afterwards so that no stale update outlives a training step.
+        base.vit.register_forward_pre_hook(lambda *_: self._deltas.clear())
+        base.vit.register_forward_hook(lambda *_: self._deltas.clear())
+
+    @property
+    def merged(self) -> bool:
+        return bool(self._merged_cores)
+
+    def _site_delta(self, group: str, site: LinearSite) -> Optional[torch.Tensor]:
+        if self.merged:
+            return None
+        delta = self._deltas.get(group)
+        if delta is None:
+            delta = self._deltas[group] = self.groups[group].delta_weight()
+        return site.take(delta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``B x in_channels x D x H x W`` -> logits ``B x out_channels x D x H x W``."""
+        return self.base(x)
+
+    def _base_linear(self, site: LinearSite) -> nn.Linear:
+        return self.base.get_submodule(site.path).base_layer
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ``ΔW`` into the base weights once, so that inference costs what the base model costs.
+
+        Raises:
+            ValueError: when ``ΔW`` of a group is not finite (the base weights are left untouched).
+        """
+        if self.merged:
+            return
+        deltas = {name: group.delta_weight() for name, group in self.groups.items()}
+        for name, delta in deltas.items():
+            if not torch.isfinite(delta).all():
+                raise ValueError(f"cannot merge: the update of group {name!r} holds non-finite values.")
+        for name, delta in deltas.items():
+            for site in self.sites[name]:
+                self._base_linear(site).weight += site.take(delta).to(self._base_linear(site).weight.dtype)
+            self._merged_cores[name] = self.groups[name].u.detach().clone()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract exactly the update that :meth:`merge` added (from the U it used), restoring the base weights."""
+        for name, core in self._merged_cores.items():
+            delta = self.groups[name].delta_weight(core)
+            for site in self.sites[name]:
+                self._base_linear(site).weight -= site.take(delta).to(self._base_linear(site).weight.dtype)
+        self._merged_cores.clear()
+
+    def mark_trainable(self, train_head: bool = False) -> ParameterCounts:
+        """Freeze everything but U, the decoder blocks and, when asked, the output head.
+
+        Args:
+            train_head: also train UNETR's output head (needed when the label set differs from the base's).
+
+        Returns:
+            the parameter counts of what now trains.
+
+        Raises:
+            ValueError: when the base has no ``decoder5 .. decoder2`` or no ``out`` head.
+        """
+        for part in DECODER_BLOCKS + (HEAD,):
+            if not isinstance(getattr(self.base, part, None), nn.Module):
+                raise ValueError(f"{type(self.base).__name__} has no '{part}' block; expected a MONAI UNETR.")
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        trainable_parts = DECODER_BLOCKS + ((HEAD,) if train_head else ())
+        for part in trainable_parts:
+            getattr(self.base, part).requires_grad_(True)
+        for group in self.groups.values():
+            group.u.requires_grad_(True)
+
+        def count(modules) -> int:
+            return sum(p.numel() for module in modules for p in module.parameters())
+
+        return ParameterCounts(
+            u=count(self.groups.values()),
+            decoder=count(getattr(self.base, part) for part in DECODER_BLOCKS),
+            head=count([getattr(self.base, HEAD)]) if train_head else 0,
+            total=sum(p.numel() for p in self.parameters()),
+        )
