@@ -192,3 +192,34 @@ def test_unetr_b_paper_configuration_counts() -> None:
     assert counts.trainable == 2_683_136
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2_683_136
     assert model.groups["attention"].shape == (768, 768, 48)
+
+
+def test_group_state_rebuilds_the_same_adapter_on_a_fresh_base() -> None:
+    trained = TCURLoRAModel(tiny_unetr(), TCURLoRAConfig(rank=4, init="zero", groups=("attention", "mlp_down")))
+    train_steps(trained)
+    x = sample()
+    rebuilt = TCURLoRAModel(tiny_unetr(), trained.config, group_state=trained.group_state())
+    rebuilt.base.load_state_dict({k: v for k, v in trained.base.state_dict().items() if k.startswith("decoder")}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), trained(x), rtol=0, atol=1e-5)
+    bad_state = trained.group_state()
+    bad_state["attention"]["rows"] = torch.tensor([0, 1, 2, 480])
+    with pytest.raises(ValueError, match=r"rows indices \[0, 1, 2, 480\] do not fit a group tensor of shape \(48, 48, 48\)"):
+        TCURLoRAModel(tiny_unetr(), trained.config, group_state=bad_state)
+    with pytest.raises(ValueError, match=r"no state for group 'mlp_down'"):
+        TCURLoRAModel(tiny_unetr(), trained.config, group_state={"attention": trained.group_state()["attention"]})
+
+
+def test_unload_gives_back_the_plain_base() -> None:
+    base = tiny_unetr()
+    x = sample()
+    with torch.no_grad():
+        expected = base(x)
+        model = TCURLoRAModel(base, TCURLoRAConfig(rank=4))
+        for group in model.groups.values():
+            group.u.add_(0.1)
+        model.merge()
+        unloaded = model.unload()
+        assert not any(isinstance(m, TCURLinear) for m in unloaded.modules())
+        assert isinstance(unloaded.vit.blocks[0].attn.qkv, nn.Linear)
+        torch.testing.assert_close(unloaded(x), expected, rtol=0, atol=1e-5)

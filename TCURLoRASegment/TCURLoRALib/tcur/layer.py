@@ -57,6 +57,24 @@ class TCURGroup(nn.Module):
             raise ValueError(f"unknown init {init!r}; expected 'pinv' or 'zero'.")
         return cls(cur.c, cur.r, cur.rows, cur.cols, u_init)
 
+    @classmethod
+    def from_indices(
+        cls, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, u_init: torch.Tensor
+    ) -> "TCURGroup":
+        """Rebuild a group from saved indices ``I``, ``J`` and ``U0`` (C and R are read again from ``weight``).
+
+        Raises:
+            ValueError: when an index lies outside ``weight`` (the index and the shape are named).
+        """
+        n1, n2, _ = weight.shape
+        for name, index, bound in (("rows", rows, n1), ("cols", cols, n2)):
+            if index.ndim != 1 or index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= bound:
+                raise ValueError(
+                    f"{name} indices {index.tolist()} do not fit a group tensor of shape {tuple(weight.shape)}."
+                )
+        detached = weight.detach()
+        return cls(detached[:, cols, :], detached[rows, :, :], rows, cols, u_init.to(weight.dtype))
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(n1, n2, n3)`` of the group tensor."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -47,13 +47,20 @@ class TCURLoRAModel(nn.Module):
     Args:
         base: a MONAI ``UNETR``; its ViT weights are read, never copied per layer.
         config: rank, groups, init and slice selection.
+        group_state: a saved adapter's groups (see :meth:`group_state`): ``{group: {"rows", "cols", "u_init", "u"}}``;
+            when given, slices are not selected again but taken from it, and U is set to the saved one.
 
     Example:
         >>> model = TCURLoRAModel(UNETR(1, 2, (96, 96, 96), feature_size=16), TCURLoRAConfig(rank=8))
         >>> counts = model.mark_trainable(train_head=False)
     """
 
-    def __init__(self, base: nn.Module, config: TCURLoRAConfig | None = None):
+    def __init__(
+        self,
+        base: nn.Module,
+        config: TCURLoRAConfig | None = None,
+        group_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ):
         super().__init__()
         config = config or TCURLoRAConfig()
         vit_blocks(base)  # validates before any work
@@ -65,9 +72,12 @@ class TCURLoRAModel(nn.Module):
         self._merged_cores: dict[str, torch.Tensor] = {}
         for name in config.groups:
             sites = group_sites(base, name)
-            self.groups[name] = TCURGroup.from_weight(
-                stack_group(base, sites), config.rank, config.init, config.selection, config.seed
-            )
+            weight = stack_group(base, sites)
+            if group_state is None:
+                group = TCURGroup.from_weight(weight, config.rank, config.init, config.selection, config.seed)
+            else:
+                group = _group_from_state(name, weight, group_state, config.rank)
+            self.groups[name] = group
             self.sites[name] = sites
             for site in sites:
                 parent_path, _, attribute = site.path.rpartition(".")
@@ -75,8 +85,31 @@ class TCURLoRAModel(nn.Module):
                 delta = functools.partial(self._site_delta, name, site)
                 setattr(parent, attribute, TCURLinear(getattr(parent, attribute), delta))
         # One ΔW per group and forward pass; dropped afterwards so that no stale update outlives a training step.
-        base.vit.register_forward_pre_hook(lambda *_: self._deltas.clear())
-        base.vit.register_forward_hook(lambda *_: self._deltas.clear())
+        self._hooks = [
+            base.vit.register_forward_pre_hook(lambda *_: self._deltas.clear()),
+            base.vit.register_forward_hook(lambda *_: self._deltas.clear()),
+        ]
+
+    def group_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What an adapter file needs to rebuild the groups on the same base: ``I``, ``J``, ``U0`` and ``U``."""
+        return {
+            name: {"rows": group.rows, "cols": group.cols, "u_init": group.u_init, "u": group.u.detach()}
+            for name, group in self.groups.items()
+        }
+
+    def unload(self) -> nn.Module:
+        """Take the adapter out: unmerge, put the original Linear layers back, remove the hooks; returns the base."""
+        self.unmerge()
+        for sites in self.sites.values():
+            for site in sites:
+                parent_path, _, attribute = site.path.rpartition(".")
+                parent = self.base.get_submodule(parent_path)
+                setattr(parent, attribute, getattr(parent, attribute).base_layer)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.sites.clear()
+        return self.base
 
     @property
     def merged(self) -> bool:
@@ -156,3 +189,25 @@ class TCURLoRAModel(nn.Module):
             head=count([getattr(self.base, HEAD)]) if train_head else 0,
             total=sum(p.numel() for p in self.parameters()),
         )
+
+
+def _group_from_state(
+    name: str, weight: torch.Tensor, group_state: Mapping[str, Mapping[str, torch.Tensor]], rank: int
+) -> TCURGroup:
+    state = group_state.get(name)
+    if state is None:
+        raise ValueError(f"the saved adapter has no state for group {name!r}; it holds {sorted(group_state)}.")
+    missing = [key for key in ("rows", "cols", "u_init", "u") if key not in state]
+    if missing:
+        raise ValueError(f"the saved state of group {name!r} lacks {missing}.")
+    n3 = weight.shape[-1]
+    for key, shape in (("rows", (rank,)), ("cols", (rank,)), ("u_init", (rank, rank, n3)), ("u", (rank, rank, n3))):
+        if tuple(state[key].shape) != shape:
+            raise ValueError(
+                f"saved {key} of group {name!r} has shape {tuple(state[key].shape)}, expected {shape} for rank {rank} "
+                f"on a group tensor of shape {tuple(weight.shape)}."
+            )
+    group = TCURGroup.from_indices(weight, state["rows"], state["cols"], state["u_init"])
+    with torch.no_grad():
+        group.u.copy_(state["u"])
+    return group
