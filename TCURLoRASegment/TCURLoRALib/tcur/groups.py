@@ -10,6 +10,7 @@ For a ViT of ``L`` transformer blocks, hidden size ``h`` and MLP size ``m`` (MON
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -33,10 +34,15 @@ class LinearSite:
     start: int
     stop: int
 
-    def take(self, group_tensor: torch.Tensor) -> torch.Tensor:
-        """This Linear's weight out of a group tensor ``n1 x n2 x n3``: shape ``((stop - start) * n1) x n2``."""
-        n2 = group_tensor.shape[1]
-        return group_tensor[:, :, self.start : self.stop].permute(2, 0, 1).reshape(-1, n2)
+    def take(self, frontal_slices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """This Linear's weight out of a group's frontal slices (``n3`` tensors ``n1 x n2``, e.g. ``W.unbind(-1)``).
+
+        Returns:
+            shape ``((stop - start) * n1) x n2``.
+        """
+        if self.stop - self.start == 1:
+            return frontal_slices[self.start]
+        return torch.cat(frontal_slices[self.start : self.stop], dim=0)
 
 
 def vit_blocks(model: nn.Module) -> nn.ModuleList:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cur import tensor_cur
-from .tproduct import from_fourier, t_pinv, to_fourier
+from .tproduct import t_pinv, to_fourier
 
 __all__ = ["TCURGroup", "TCURLinear"]
 
@@ -42,6 +42,9 @@ class TCURGroup(nn.Module):
         self.register_buffer("cols", cols.detach().clone().to(torch.int64))
         self.register_buffer("u_init", u_init.detach().clone())
         self.u = nn.Parameter(u_init.detach().clone())
+        # C and R are frozen: their Fourier slices are computed once, contiguous for batched complex matmul.
+        self.register_buffer("c_fourier", to_fourier(self.c).contiguous(), persistent=False)
+        self.register_buffer("r_fourier", to_fourier(self.r).contiguous(), persistent=False)
 
     @classmethod
     def from_weight(
@@ -87,8 +90,10 @@ class TCURGroup(nn.Module):
             u: the core to use instead of the current ``U`` (for an exact unmerge).
         """
         core = (self.u if u is None else u) - self.u_init
-        spectrum = to_fourier(self.c) @ to_fourier(core) @ to_fourier(self.r)
-        return from_fourier(spectrum, self.c.shape[-1])
+        n3 = self.c.shape[-1]
+        spectrum = (self.c_fourier @ to_fourier(core)) @ self.r_fourier  # (n3 // 2 + 1) x n1 x n2
+        # irfft along the last, contiguous axis runs about twice as fast here as along the leading one.
+        return torch.fft.irfft(spectrum.permute(1, 2, 0), n=n3, dim=-1)
 
     def extra_repr(self) -> str:
         n1, n2, n3 = self.shape

@@ -68,7 +68,7 @@ class TCURLoRAModel(nn.Module):
         self.config = config
         self.groups = nn.ModuleDict()
         self.sites: dict[str, list[LinearSite]] = {}
-        self._deltas: dict[str, torch.Tensor] = {}
+        self._deltas: dict[str, tuple[torch.Tensor, ...]] = {}
         self._merged_cores: dict[str, torch.Tensor] = {}
         for name in config.groups:
             sites = group_sites(base, name)
@@ -118,10 +118,12 @@ class TCURLoRAModel(nn.Module):
     def _site_delta(self, group: str, site: LinearSite) -> Optional[torch.Tensor]:
         if self.merged:
             return None
-        delta = self._deltas.get(group)
-        if delta is None:
-            delta = self._deltas[group] = self.groups[group].delta_weight()
-        return site.take(delta)
+        slices = self._deltas.get(group)
+        if slices is None:
+            # unbind, not indexing: its backward stacks the slice gradients once, where each indexed slice would
+            # scatter into a zero tensor of the whole group.
+            slices = self._deltas[group] = self.groups[group].delta_weight().unbind(-1)
+        return site.take(slices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``B x in_channels x D x H x W`` -> logits ``B x out_channels x D x H x W``."""
@@ -144,17 +146,20 @@ class TCURLoRAModel(nn.Module):
             if not torch.isfinite(delta).all():
                 raise ValueError(f"cannot merge: the update of group {name!r} holds non-finite values.")
         for name, delta in deltas.items():
+            slices = delta.unbind(-1)
             for site in self.sites[name]:
-                self._base_linear(site).weight += site.take(delta).to(self._base_linear(site).weight.dtype)
+                weight = self._base_linear(site).weight
+                weight += site.take(slices).to(weight.dtype)
             self._merged_cores[name] = self.groups[name].u.detach().clone()
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract exactly the update that :meth:`merge` added (from the U it used), restoring the base weights."""
         for name, core in self._merged_cores.items():
-            delta = self.groups[name].delta_weight(core)
+            slices = self.groups[name].delta_weight(core).unbind(-1)
             for site in self.sites[name]:
-                self._base_linear(site).weight -= site.take(delta).to(self._base_linear(site).weight.dtype)
+                weight = self._base_linear(site).weight
+                weight -= site.take(slices).to(weight.dtype)
         self._merged_cores.clear()
 
     def mark_trainable(self, train_head: bool = False) -> ParameterCounts:
