@@ -138,6 +138,112 @@ def _adapters(args: argparse.Namespace, progress: Progress) -> None:
         store.rename(args.name, args.new_name)
 
 
+def _json_argument(text: str | None, what: str) -> Any:
+    """A JSON value given inline or as the path of a JSON file."""
+    if text is None:
+        return None
+    path = Path(text)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} file {text!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} is neither a JSON file nor valid JSON: {error}") from error
+
+
+def _cases(args: argparse.Namespace) -> Any:
+    if args.cases and args.case:
+        raise ValueError("give cases either with --cases (folder or JSON) or with --case IMAGE LABEL, not both")
+    if args.case:
+        return [tuple(pair) for pair in args.case]
+    if args.cases:
+        return args.cases
+    raise ValueError("no training cases: give --cases FOLDER_OR_JSON or --case IMAGE LABEL")
+
+
+def _adapter_output(args: argparse.Namespace) -> tuple[Path, str]:
+    if args.out:
+        out = Path(args.out)
+        return out, args.name or out.name.removesuffix(".safetensors")
+    if not args.name:
+        raise ValueError("give the new adapter a --name (it is saved in your adapter folder) or an --out file")
+    return adapter_store().path_for_new(args.name, overwrite=args.overwrite), args.name
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user gave: the others keep the engine's own defaults (one place for each default)."""
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def _training_options(args: argparse.Namespace) -> dict[str, Any]:
+    return _given(
+        label_map=_json_argument(args.label_map, "--label-map"), unmapped=args.unmapped, steps=args.steps,
+        lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device, validation=args.validation,
+        validate_every=args.validate_every, threads=args.threads,
+    )
+
+
+def _train(args: argparse.Namespace, progress: Progress) -> None:
+    from .train import train_adapter
+
+    out, name = _adapter_output(args)
+    labels = _json_argument(args.labels, "--labels")
+    card = train_adapter(
+        resolve_base(args.base), _cases(args), labels, out, name=name, progress=progress,
+        **_given(rank=args.rank, init=args.init, groups=args.groups, lr_u=args.lr_u,
+                 parent_adapter=resolve_adapter(args.parent)),
+        **_training_options(args),
+    )
+    if args.progress != "json":
+        print(f"adapter {card.name!r} written to {out}")
+        print(json.dumps(card.metrics, indent=2))
+
+
+def _pretrain(args: argparse.Namespace, progress: Progress) -> None:
+    from .train import pretrain
+
+    card_fields = _json_argument(args.card, "--card")
+    card = pretrain(_cases(args), card_fields, args.output, progress=progress, **_training_options(args))
+    if args.progress != "json":
+        print(f"base model {card.name!r} written to {args.output}")
+
+
+def _evaluate(args: argparse.Namespace, progress: Progress) -> None:
+    from . import metrics
+
+    if len(args.predictions) != len(args.references):
+        raise ValueError(f"{len(args.predictions)} predictions but {len(args.references)} references: give one "
+                         "reference per prediction, in the same order")
+    cases = metrics.evaluate(args.predictions, args.references, progress=progress)
+    if args.json:
+        metrics.write_json(args.json, cases)
+    if args.csv:
+        metrics.write_csv(args.csv, cases)
+    if args.progress != "json":
+        print(metrics.format_table(cases))
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cases", help="a folder of cases or a JSON case list (see TCURLoRALib/cases.py)")
+    parser.add_argument("--case", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
+                        help="one training case; repeat for more")
+    parser.add_argument("--label-map", help="JSON (inline or file): case structure (value or segment name) -> label")
+    parser.add_argument("--unmapped", choices=("error", "background", "ignore"), default="error",
+                        help="what to do with structures the mapping misses (default: error)")
+    parser.add_argument("--steps", type=int, help="optimiser steps")
+    parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--batch-size", type=int, help="crops per step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--validation",
+                        help="'auto' (held-out cases, see TCURLoRALib/train.py; train's default), 'none', or a "
+                             "folder/JSON of cases")
+    parser.add_argument("--validate-every", type=int, help="steps between validations")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m TCURLoRALib",
@@ -160,6 +266,35 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     seg.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     seg.set_defaults(handler=_segment)
+
+    train = commands.add_parser("train", parents=[common], help="train a tCURLoRA adapter on a few cases")
+    train.add_argument("--name", help="adapter name; saved in your adapter folder ($TCURLORA_HOME)")
+    train.add_argument("--out", help="write the adapter to this file instead")
+    train.add_argument("--overwrite", action="store_true", help="replace a user adapter of the same name")
+    train.add_argument("--base", help="base model file (default: the shipped base)")
+    train.add_argument("--labels", help="the adapter's labels, JSON list of {value, name, color} (inline or file); "
+                                        "default: the parent adapter's, else the base's")
+    train.add_argument("--parent", help="continue from this adapter (file or name)")
+    train.add_argument("--rank", type=int, help="tensor CUR rank r (default 8)")
+    train.add_argument("--init", choices=("pinv", "zero"), help="U initialisation (default pinv)")
+    train.add_argument("--groups", nargs="+", choices=("attention", "mlp_up", "mlp_down"),
+                       help="weight groups to adapt (default: all)")
+    train.add_argument("--lr-u", type=float, help="learning rate of U")
+    _add_training_arguments(train)
+    train.set_defaults(handler=_train)
+
+    pretrain = commands.add_parser("pretrain", parents=[common], help="train a whole UNETR into a base-model file")
+    pretrain.add_argument("--card", required=True, help="model card fields without fingerprint (JSON inline or file)")
+    pretrain.add_argument("-o", "--output", required=True, help="base-model file to write")
+    _add_training_arguments(pretrain)
+    pretrain.set_defaults(handler=_pretrain)
+
+    evaluate = commands.add_parser("evaluate", parents=[common], help="Dice and HD95 per label against references")
+    evaluate.add_argument("--predictions", nargs="+", required=True, help="predicted label maps")
+    evaluate.add_argument("--references", nargs="+", required=True, help="reference label maps, same order")
+    evaluate.add_argument("--json", help="also write the metrics as JSON")
+    evaluate.add_argument("--csv", help="also write the metrics as CSV")
+    evaluate.set_defaults(handler=_evaluate)
 
     info = commands.add_parser("info", parents=[common], help="print the card of a base model or adapter file")
     info.add_argument("path")
