@@ -146,3 +146,16 @@ def test_truncated_or_tampered_adapter_is_refused(base_path: Path, tmp_path: Pat
         read_adapter(tmp_path / "missing.safetensors", base)
     with pytest.raises(files.TCURLoRAFileError, match="is a TCURLoRA base file, but a TCURLoRA adapter file was expected"):
         read_adapter(base_path, base)
+
+
+def test_half_precision_storage_loads_as_float32(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    unetr = UNETR(**{**UNETR_ARGS, "img_size": (32, 32, 32)}).eval()
+    save_base(tmp_path / "full.safetensors", unetr, card_fields())
+    save_base(tmp_path / "half.safetensors", unetr, card_fields(), dtype=torch.float16)
+    full, half = (tmp_path / "full.safetensors").stat().st_size, (tmp_path / "half.safetensors").stat().st_size
+    assert half < 0.55 * full
+    base = load_base(tmp_path / "half.safetensors")
+    assert all(p.dtype == torch.float32 for p in base.model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(base.model(x_sample()), unetr(x_sample()), rtol=0, atol=5e-2)

@@ -31,23 +31,37 @@ def build_unetr(card: ModelCard) -> UNETR:
     return UNETR(**card.unetr_kwargs())
 
 
-def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as detached, contiguous CPU tensors: what a base file stores and fingerprints."""
-    return {name: value.detach().to("cpu").contiguous() for name, value in model.state_dict().items()}
+def weights_of(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict as detached, contiguous CPU tensors: what a base file stores and fingerprints.
+
+    Args:
+        dtype: store floating-point tensors in this type (e.g. ``torch.float16`` halves the file); ``None`` keeps
+            the model's.
+    """
+    weights = {}
+    for name, value in model.state_dict().items():
+        value = value.detach().to("cpu")
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        weights[name] = value.contiguous()
+    return weights
 
 
-def save_base(path: str | os.PathLike, model: nn.Module, card_fields: Mapping[str, Any]) -> ModelCard:
+def save_base(
+    path: str | os.PathLike, model: nn.Module, card_fields: Mapping[str, Any], dtype: torch.dtype | None = None
+) -> ModelCard:
     """Write ``model`` with a card made of ``card_fields`` plus the fingerprint of the weights (atomically).
 
     Args:
         path: destination ``.safetensors`` file.
         model: a plain MONAI UNETR (no adapter injected).
         card_fields: every :class:`ModelCard` field but ``fingerprint`` (a given one is replaced).
+        dtype: storage type of floating-point weights (``torch.float16`` for shipped files); they load as float32.
 
     Returns:
         the card written.
     """
-    weights = weights_of(model)
+    weights = weights_of(model, dtype)
     card = ModelCard.from_json({**dict(card_fields), "fingerprint": files.fingerprint(weights)})
     files.save_atomic(path, weights, card.to_json(), kind="base")
     return card
