@@ -1,0 +1,553 @@
+"""Benchmark of the tCURLoRA core on a CPU: ΔW by FFT vs block-circulant, and one training step vs LoRA (peft).
+
+Run from the repository root::
+
+    python Testing/benchmarks/bench_core.py [--quick] [--out results.md]
+
+Every measurement runs in a fresh child process (``--one SPEC``) started with the malloc settings of the background
+training process (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=10^12``, see DESIGN.md): glibc then neither returns
+freed memory to the system nor serves large blocks by ``mmap``, so the resident set only grows and its peak
+(``ru_maxrss``) is the high-water mark of the whole run. The parent prints and writes Markdown tables of ratios
+measured side by side in one run.
+
+Table 1: ``ΔW = C * (U - U0) * R`` of one group (``n1 x n2 x n3``, rank ``r``), forward and backward to ``U``:
+``TCURGroup.delta_weight`` (rfft, batched slice products, irfft) against the textbook block-circulant product
+``unfold(ΔW) = bcirc(C) @ bcirc(U - U0) @ unfold(R)``. ``unfold(R)`` is the first block column of ``bcirc(R)``,
+and the first block column of ``bcirc(C) bcirc(U) bcirc(R) = bcirc(ΔW)`` is all of ``ΔW``; the full
+``(n1 n3) x (n2 n3)`` product would need 5.4 GB at ``n3 = 48`` for nothing more.
+
+Table 2: one training step (forward, DiceCE loss, backward, AdamW step; batch 1) of a MONAI UNETR with (a) tCURLoRA
+(U of all three groups + decoder5..2), (b) LoRA injected by peft into every qkv, out_proj, linear1, linear2 of the
+ViT (+ decoder5..2), (c) the frozen ViT with decoder5..2 only. Time: the methods of one setting are built side by side
+in one child and stepped in rounds, so that load from other processes on a shared machine hits them alike; median
+wall clock over the timed rounds. Memory: a separate child per method; peak resident set (``ru_maxrss``) minus the
+resident set once model, optimiser and batch are built, i.e. what the training steps add (activations, gradients,
+AdamW state).
+
+Not part of the pytest suite (the file name does not match ``test_*.py``) and imported by no test.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "TCURLoRASegment"))
+
+# Read by glibc at process start, so they can only be set for the children.
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "1000000000000"}
+
+# UNETR ViT sizes (feature_size 16, 1 input channel, 2 output channels, patch 16).
+MODELS = {
+    "UNETR-B": {"hidden_size": 768, "mlp_dim": 3072, "num_heads": 12},
+    "compact": {"hidden_size": 192, "mlp_dim": 768, "num_heads": 6},
+}
+LORA_TARGETS = r".*vit\.blocks\.\d+\.(attn\.(qkv|out_proj)|mlp\.(linear1|linear2))"
+TCUR_RANK = 8
+PAPER_LORA_RANK = 32
+
+
+# ---------------------------------------------------------------------------------------------------- measurements
+
+
+def interleaved(runs: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds of each run, measured in rounds so that load from other processes hits all of them alike.
+
+    Each round calls every run once, in an order rotated by one per round (no run always follows the same one).
+
+    Args:
+        runs: name -> callable to time.
+        warmup: untimed rounds first.
+        repeats: timed rounds.
+
+    Returns:
+        name -> ``{"wall": [...], "cpu": [...]}``: ``repeats`` durations by the wall clock and by this process's CPU
+        time (all threads; other processes inflate it far less than the wall clock, unless threads spin-wait).
+    """
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    durations: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            runs[name]()
+            durations[name]["wall"].append(time.perf_counter() - start_wall)
+            durations[name]["cpu"].append(time.process_time() - start_cpu)
+    return durations
+
+
+def bcirc(tensor):
+    """Block-circulant matrix of ``tensor`` (``n1 x n2 x n3``): ``(n3 n1) x (n3 n2)``, block ``(i, j)`` = slice ``i - j mod n3``."""
+    import torch
+
+    n1, n2, n3 = tensor.shape
+    index = (torch.arange(n3)[:, None] - torch.arange(n3)[None, :]) % n3
+    blocks = tensor.permute(2, 0, 1)[index]  # n3 x n3 x n1 x n2, differentiable gather
+    return blocks.permute(0, 2, 1, 3).reshape(n3 * n1, n3 * n2)
+
+
+def unfold(tensor):
+    """Frontal slices stacked vertically: ``n1 x n2 x n3`` -> ``(n3 n1) x n2``."""
+    n1, n2, n3 = tensor.shape
+    return tensor.permute(2, 0, 1).reshape(n3 * n1, n2)
+
+
+def fold(matrix, n1: int, n3: int):
+    """Inverse of :func:`unfold`: ``(n3 n1) x n2`` -> ``n1 x n2 x n3``."""
+    return matrix.reshape(n3, n1, -1).permute(1, 2, 0)
+
+
+def measure_delta(n1: int, n2: int, n3: int, rank: int, warmup: int, repeats: int) -> dict:
+    """Forward + backward to U of ΔW for one group ``n1 x n2 x n3`` at ``rank``, by FFT and by block-circulant
+    product; times in seconds."""
+    import torch
+
+    from TCURLoRALib.tcur import TCURGroup
+
+    generator = torch.Generator().manual_seed(0)
+    group = TCURGroup.from_weight(torch.randn(n1, n2, n3, generator=generator) / n2**0.5, rank)
+    with torch.no_grad():
+        group.u.add_(0.01 * torch.randn(group.u.shape, generator=generator))  # ΔW != 0, as after some training
+    upstream = torch.randn(n1, n2, n3, generator=generator)
+
+    def by_bcirc():
+        core = group.u - group.u_init
+        return fold(bcirc(group.c) @ (bcirc(core) @ unfold(group.r)), n1, n3)
+
+    with torch.no_grad():
+        reference = group.delta_weight()
+        error = (by_bcirc() - reference).abs().max().item() / reference.abs().max().item()
+
+    def step(delta: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            group.u.grad = None
+            delta().backward(upstream)
+
+        return run
+
+    durations = interleaved({"fft": step(group.delta_weight), "bcirc": step(by_bcirc)}, warmup, repeats)
+    return {"wall_s": {name: times["wall"] for name, times in durations.items()}, "relative_difference": error}
+
+
+def measure_deltas(spec: dict) -> dict:
+    """:func:`measure_delta` for every ``[n1, n2, n3, r]`` of ``spec["shapes"]``, in one process."""
+    return {"results": [measure_delta(*shape, spec["warmup"], spec["repeats"]) for shape in spec["shapes"]]}
+
+
+def build_unetr(model: str, size: int):
+    import torch
+    from monai.networks.nets import UNETR
+
+    torch.manual_seed(0)
+    return UNETR(1, 2, (size, size, size), feature_size=16, **MODELS[model])
+
+
+def numel(parameters) -> int:
+    return sum(p.numel() for p in parameters)
+
+
+def prepare(method: str, rank: int, unetr):
+    """Wrap ``unetr`` for ``method`` and set what trains; return ``(model, counts)``."""
+    from torch import nn
+
+    from TCURLoRALib.tcur import DECODER_BLOCKS
+
+    decoder = [getattr(unetr, name) for name in DECODER_BLOCKS]
+    decoder_count = numel(p for block in decoder for p in block.parameters())
+    if method == "tcur":
+        from TCURLoRALib.tcur import TCURLoRAConfig, TCURLoRAModel
+
+        model: nn.Module = TCURLoRAModel(unetr, TCURLoRAConfig(rank=rank))
+        counts = model.mark_trainable(train_head=False)
+        adapter = counts.u
+    elif method == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), unetr)
+        model.requires_grad_(False)
+        adapter = 0
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.requires_grad_(True)
+                adapter += parameter.numel()
+        for block in decoder:
+            block.requires_grad_(True)
+    elif method == "frozen":
+        model = unetr
+        model.requires_grad_(False)
+        for block in decoder:
+            block.requires_grad_(True)
+        adapter = 0
+    else:
+        raise ValueError(f"unknown method {method!r}; expected 'tcur', 'lora' or 'frozen'.")
+    trainable = numel(p for p in model.parameters() if p.requires_grad)
+    if trainable != adapter + decoder_count:
+        raise ValueError(f"{method}: {trainable} trainable parameters, expected adapter {adapter} + decoder {decoder_count}.")
+    return model, {"adapter": adapter, "decoder": decoder_count, "trainable": trainable}
+
+
+def training_step(spec: dict, method: str, rank: int) -> tuple[Callable[[], None], dict]:
+    """A fresh UNETR of ``spec``'s model and size, prepared for ``method``; its step function and counts."""
+    import torch
+    from monai.losses import DiceCELoss
+
+    size = spec["size"]
+    model, counts = prepare(method, rank, build_unetr(spec["model"], size))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    image = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(1))
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, size)] * 3, indexing="ij"))
+    label = (grid.square().sum(0) < 0.4).float()[None, None]  # a ball: both classes present
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_function(model(image), label).backward()
+        optimizer.step()
+
+    return step, counts
+
+
+def measure_time(spec: dict) -> dict:
+    """Step times of every method of one setting, built side by side in this process and timed in rounds."""
+    steps, counts = {}, {}
+    for method, rank in spec["methods"]:
+        name = f"{method}:{rank}"
+        steps[name], counts[name] = training_step(spec, method, rank)
+    durations = interleaved(steps, spec["warmup"], spec["steps"])
+    return {
+        "wall_s": {name: times["wall"] for name, times in durations.items()},
+        "cpu_s": {name: times["cpu"] for name, times in durations.items()},
+        "counts": counts,
+    }
+
+
+def release_free_heap() -> None:
+    """Hand glibc's free heap back to the system (the malloc settings stop it doing so by itself)."""
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); ``False`` where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure_memory(spec: dict) -> dict:
+    """Peak memory of one method's training steps, alone in this process; MiB.
+
+    Building the model (the tCURLoRA decomposition above all) leaves freed heap behind that, with the malloc
+    settings, would stay resident and be reused by the steps unseen. So: build, trim the heap, take the RSS, reset
+    the peak mark, run the steps, read the peak.
+    """
+    import psutil
+
+    step, counts = training_step(spec, spec["method"], spec["rank"])
+    gc.collect()
+    release_free_heap()
+    rss_built = psutil.Process().memory_info().rss / 2**20
+    peak_reset = reset_peak_rss()
+    for _ in range(spec["steps"]):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+    return {"rss_built_mib": rss_built, "peak_mib": peak, "step_peak_mib": peak - rss_built, "peak_reset": peak_reset, **counts}
+
+
+def run_child(spec: dict, timeout: float) -> dict:
+    """Run one measurement in a fresh process with the malloc settings; its result, or ``{"error": ...}``."""
+    env = {**os.environ, **MALLOC_ENV}
+    command = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {done.returncode}: {last}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------------------ plan
+
+
+def lora_matched_rank(model: str) -> int:
+    """LoRA rank whose adapter count is closest to tCURLoRA's U (at least 1).
+
+    A LoRA of rank R on a Linear ``in -> out`` trains ``R (in + out)`` parameters; per ViT block that is
+    ``R (h + 3h) + R (2h) + 2 R (h + m)``; U is ``r^2 (4L + L + L)`` for the 12 blocks of these models.
+    """
+    hidden, mlp, layers = MODELS[model]["hidden_size"], MODELS[model]["mlp_dim"], 12
+    per_rank = layers * (4 * hidden + 2 * hidden + 2 * (hidden + mlp))
+    u_count = TCUR_RANK**2 * 6 * layers
+    return max(1, round(u_count / per_rank))
+
+
+def plan(quick: bool, warmup: int, steps: int, threads: int | None) -> list[dict]:
+    """The child runs, in order: ΔW sizes, then per setting one timing run and one memory run per method."""
+    if quick:
+        deltas = [(192, 12, 8), (192, 48, 8)]
+        settings = [("compact", 64)]
+    else:
+        deltas = [(768, n3, r) for n3 in (12, 48) for r in (8, 32)]
+        settings = [("UNETR-B", 96), ("compact", 96), ("compact", 64)]
+    shapes = [[n, n, n3, r] for n, n3, r in deltas]
+    specs = [{"kind": "delta", "shapes": shapes, "warmup": 1, "repeats": 3 if quick else 5}]
+    for model, size in settings:
+        # --quick leaves out the paper's LoRA rank, to stay near a minute.
+        lora_ranks = [lora_matched_rank(model)] + ([] if quick else [PAPER_LORA_RANK])
+        methods = [("tcur", TCUR_RANK)] + [("lora", rank) for rank in lora_ranks] + [("frozen", 0)]
+        setting = {"model": model, "size": size}
+        specs.append({"kind": "time", **setting, "methods": methods, "warmup": warmup, "steps": steps})
+        # Two steps: the first allocates AdamW's state, the second shows that nothing else accumulates.
+        specs += [{"kind": "memory", **setting, "method": m, "rank": r, "steps": 2} for m, r in methods]
+    for spec in specs:
+        spec["threads"] = threads
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}"
+
+
+def delta_table(results: list[tuple[dict, dict]]) -> list[str]:
+    lines = [
+        "| n1 x n2 x n3 | r | FFT (ms) | block-circulant (ms) | bcirc / FFT | max rel. difference |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for spec, outcome in results:
+        if "error" in outcome:
+            lines.append(f"| all | | failed: {outcome['error']} | | | |")
+            continue
+        for (n1, n2, n3, rank), result in zip(spec["shapes"], outcome["results"]):
+            fft, circ = median(result["wall_s"]["fft"]), median(result["wall_s"]["bcirc"])
+            lines.append(
+                f"| {n1} x {n2} x {n3} | {rank} | {1000 * fft:,.1f} | {1000 * circ:,.1f} | {ratio(circ, fft)} "
+                f"| {result['relative_difference']:.1e} |"
+            )
+    return lines
+
+
+def method_name(method: str, rank: int) -> str:
+    if method == "tcur":
+        return f"tCURLoRA r={rank}"
+    if method == "lora":
+        return f"LoRA (peft) r={rank}"
+    return "frozen ViT, decoder only"
+
+
+def setting_rows(results: list[tuple[dict, dict]]) -> dict[tuple[str, int], list[dict]]:
+    """Per (model, size): one row per method joining its step times and its memory, with any errors."""
+    settings: dict[tuple[str, int], list[dict]] = {}
+    for spec, result in results:
+        if spec["kind"] != "time":
+            continue
+        rows = settings.setdefault((spec["model"], spec["size"]), [])
+        for method, rank in spec["methods"]:
+            name = f"{method}:{rank}"
+            row = {"method": method, "rank": rank, "errors": [], "steps": spec["steps"], "warmup": spec["warmup"]}
+            if "error" in result:
+                row["errors"].append(f"time: {result['error']}")
+            else:
+                row.update(result["counts"][name], wall_s=result["wall_s"][name], cpu_s=result["cpu_s"][name])
+            rows.append(row)
+    for spec, result in results:
+        if spec["kind"] != "memory":
+            continue
+        for row in settings.get((spec["model"], spec["size"]), []):
+            if (row["method"], row["rank"]) == (spec["method"], spec["rank"]):
+                if "error" in result:
+                    row["errors"].append(f"memory: {result['error']}")
+                else:
+                    row.update(result)
+    return settings
+
+
+def complete(row: dict | None) -> bool:
+    return row is not None and "wall_s" in row and "step_peak_mib" in row
+
+
+def headline_table(settings: dict[tuple[str, int], list[dict]]) -> list[str]:
+    """tCURLoRA over each LoRA of the same setting: step time and step peak memory."""
+    lines = [
+        "| setting | tCURLoRA r=8 vs | trainable params (LoRA / tCURLoRA) | step time ratio (medians) "
+        "| step time ratio (fastest rounds) | step CPU-time ratio | step peak memory ratio |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (model, size), rows in settings.items():
+        tcur = next((row for row in rows if row["method"] == "tcur"), None)
+        for lora in rows:
+            if lora["method"] != "lora":
+                continue
+            if not (complete(tcur) and complete(lora)):
+                lines.append(f"| {model} {size}^3 | {method_name('lora', lora['rank'])} | failed, see below | | | | |")
+                continue
+            lines.append(
+                f"| {model} {size}^3 | {method_name('lora', lora['rank'])} | {lora['trainable']:,} / {tcur['trainable']:,} "
+                f"| {ratio(median(tcur['wall_s']), median(lora['wall_s']))} "
+                f"| {ratio(min(tcur['wall_s']), min(lora['wall_s']))} "
+                f"| {ratio(median(tcur['cpu_s']), median(lora['cpu_s']))} "
+                f"| {ratio(tcur['step_peak_mib'], lora['step_peak_mib'])} |"
+            )
+    return lines
+
+
+def step_table(settings: dict[tuple[str, int], list[dict]]) -> list[str]:
+    """One table per setting, every method, with ratios against the count-matched LoRA (the first LoRA row)."""
+    lines: list[str] = []
+    for (model, size), rows in settings.items():
+        matched = next((row for row in rows if row["method"] == "lora" and complete(row)), None)
+        against = f"LoRA r={matched['rank']}" if matched else "LoRA"
+        sizes = MODELS[model]
+        lines += [
+            "",
+            f"**{model}** (hidden {sizes['hidden_size']}, mlp {sizes['mlp_dim']}, {sizes['num_heads']} heads, "
+            f"feature_size 16) at {size}^3: {rows[0]['steps']} timed rounds after {rows[0]['warmup']} warm-up",
+            "",
+            "| method | adapter params | trainable params | step (ms), median [min, max] | step CPU time (ms) "
+            f"| time / {against} | step peak (MiB) | peak RSS in steps (MiB) | peak / {against} |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            if row["errors"] or not complete(row):
+                lines.append(f"| {method_name(row['method'], row['rank'])} | failed: {'; '.join(row['errors'])} | | | | | | | |")
+                continue
+            wall = row["wall_s"]
+            cells = [
+                method_name(row["method"], row["rank"]), f"{row['adapter']:,}", f"{row['trainable']:,}",
+                f"{1000 * median(wall):,.0f} [{1000 * min(wall):,.0f}, {1000 * max(wall):,.0f}]",
+                f"{1000 * median(row['cpu_s']):,.0f}",
+                ratio(median(wall), median(matched["wall_s"])) if matched else "n/a",
+                f"{row['step_peak_mib']:,.0f}", f"{row['peak_mib']:,.0f}",
+                ratio(row["step_peak_mib"], matched["step_peak_mib"]) if matched else "n/a",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def header(quick: bool, threads: int | None, peak_reset: bool, load_before: tuple[float, ...], load_after: tuple[float, ...], elapsed: float) -> list[str]:
+    import monai
+    import peft
+    import torch
+
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    malloc = " ".join(f"{key}={value}" for key, value in MALLOC_ENV.items())
+    return [
+        f"## tCURLoRA core benchmark{' (--quick)' if quick else ''}",
+        "",
+        f"- Machine: {cpu}, {os.cpu_count()} logical CPUs, torch threads {threads or torch.get_num_threads()}{'' if threads else ' (default)'}, no GPU; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}, peft {peft.__version__}.",
+        f"- Every measurement runs in a fresh child process started with `{malloc}` (glibc then neither trims nor "
+        "mmaps, as in the background training process; see DESIGN.md), one child at a time.",
+        f"- Load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; total {elapsed / 60:.1f} min. "
+        "Other processes on the machine slow some rounds: timings are taken in interleaved rounds so that such load "
+        "hits every compared row alike.",
+        "- ΔW: `TCURGroup.delta_weight` (rfft, slice products, irfft) vs `fold(bcirc(C) @ bcirc(U - U0) @ unfold(R))` "
+        "(`unfold(R)` is the first block column of `bcirc(R)`, and that is all of the product that ΔW needs), "
+        "forward + backward to U with a fixed random upstream gradient; median of the timed rounds "
+        f"({3 if quick else 5}) after 1 warm-up. Max rel. difference: the two results against each other.",
+        "- Training step: forward + DiceCE + backward + AdamW, batch 1, on a random image and a ball label. "
+        "tCURLoRA on all three groups (attention 4L, mlp_up L, mlp_down L slices), init pinv; LoRA by "
+        "`peft.inject_adapter_in_model` on every qkv, out_proj, linear1, linear2 of the ViT (lora_alpha = r). "
+        "Every row also trains decoder5..decoder2 (not the output head); ViT and encoder stay frozen. "
+        "Time: all methods of a setting are built in one child and stepped in rounds (order rotated each round); "
+        "median wall clock over the timed rounds; the fastest round is the least disturbed by other load. "
+        "CPU time: the child's user + system time over all its threads, which other load inflates far less "
+        "(with more than one torch thread, spin-waiting threads still inflate it).",
+        "- LoRA ranks: the rank whose adapter count is closest to tCURLoRA's U (r = 1, the smallest possible, still "
+        "trains more adapter parameters than U; the totals are close because the decoder dominates), and the "
+        "paper's r = 32 (left out by --quick).",
+        "- Memory: a separate fresh child per method builds model, optimiser and batch, trims the heap "
+        "(`malloc_trim(0)`: the decomposition's freed scratch would otherwise stay resident and hide the steps' own "
+        "use), takes its RSS, "
+        + ("resets the kernel's peak mark (`/proc/self/clear_refs` 5), "
+           if peak_reset else "(the peak mark could NOT be reset here, so the peak may include model building), ")
+        + "runs 2 steps and reads the peak (`ru_maxrss`). Step peak = peak - RSS after building: activations, "
+        "gradients, AdamW state. Peak RSS in steps = the peak itself (torch, monai and the model included). "
+        "Ratios < 1 favour tCURLoRA.",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="compact UNETR at 64^3, no LoRA r=32, small ΔW sizes (about 1.5 min)")
+    parser.add_argument("--out", type=Path, help="also write the Markdown report to this file")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed training rounds per setting (default 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training rounds (default 3, 2 with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in every child (default: torch's)")
+    parser.add_argument("--one", metavar="SPEC", help=argparse.SUPPRESS)  # child mode: one JSON spec
+    args = parser.parse_args(argv)
+
+    if args.one:
+        spec = json.loads(args.one)
+        if spec.get("threads"):
+            import torch
+
+            torch.set_num_threads(spec["threads"])
+        measure = {"delta": measure_deltas, "time": measure_time, "memory": measure_memory}[spec["kind"]]
+        print(json.dumps(measure(spec)))
+        return 0
+
+    steps = args.steps if args.steps is not None else (2 if args.quick else 3)
+    if steps < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        parser.error(
+            f"--steps and --threads must be >= 1 and --warmup >= 0, got --steps {steps} --threads {args.threads} "
+            f"--warmup {args.warmup}."
+        )
+    specs = plan(args.quick, args.warmup, steps, args.threads)
+    start, load_before = time.perf_counter(), os.getloadavg()
+    results = []
+    for index, spec in enumerate(specs, 1):
+        shown = {key: value for key, value in spec.items() if key not in ("kind", "warmup", "repeats", "steps", "threads")}
+        print(f"[{index}/{len(specs)}] {spec['kind']} {json.dumps(shown)}", file=sys.stderr, flush=True)
+        results.append((spec, run_child(spec, timeout=1200)))
+        if "error" in results[-1][1]:
+            print(f"    failed: {results[-1][1]['error']}", file=sys.stderr, flush=True)
+    elapsed = time.perf_counter() - start
+    settings = setting_rows(results)
+    peak_reset = all(r.get("peak_reset", True) for s, r in results if s["kind"] == "memory")
+    report = header(args.quick, args.threads, peak_reset, load_before, os.getloadavg(), elapsed)
+    report += ["", "### ΔW of one group, forward + backward to U", ""]
+    report += delta_table([(spec, result) for spec, result in results if spec["kind"] == "delta"])
+    report += ["", "### Headline: one training step of tCURLoRA over LoRA (ratios < 1 favour tCURLoRA)", ""]
+    report += headline_table(settings)
+    report += ["", "### One training step, all rows"] + step_table(settings)
+    text = "\n".join(report) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+    return 0 if all("error" not in result for _, result in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
