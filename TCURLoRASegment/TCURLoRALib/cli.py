@@ -112,6 +112,21 @@ def _segment(args: argparse.Namespace, progress: Progress) -> None:
             print(f"{name}: {millilitres:.2f} mL")
 
 
+def _demo(args: argparse.Namespace, progress: Progress) -> None:
+    from .demo import format_report, run_demo
+    from .paths import SAMPLE_IMAGE, SAMPLE_REFERENCE, shipped_samples_dir
+
+    samples = shipped_samples_dir()
+    image = Path(args.image) if args.image else samples / SAMPLE_IMAGE
+    reference = args.reference or (None if args.image else samples / SAMPLE_REFERENCE)
+    shipped = [entry for entry in adapter_store().list() if entry.source == "shipped"]
+    runs = run_demo(resolve_base(args.base), shipped, image, args.output, reference_path=reference,
+                    device=args.device, progress=progress)
+    if args.progress != "json":
+        print(format_report(runs))
+        print(f"outputs in {Path(args.output).resolve()}")
+
+
 def _info(args: argparse.Namespace, progress: Progress) -> None:
     from . import files
 
@@ -295,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="also write the metrics as JSON")
     evaluate.add_argument("--csv", help="also write the metrics as CSV")
     evaluate.set_defaults(handler=_evaluate)
+
+    demo = commands.add_parser("demo", parents=[common],
+                               help="segment the shipped sample with the base and each shipped adapter")
+    demo.add_argument("-o", "--output", default="tcurlora-demo", help="output folder (default ./tcurlora-demo)")
+    demo.add_argument("--image", help="another volume instead of the shipped sample")
+    demo.add_argument("--reference", help="reference label map for Dice (the sample's ships with it)")
+    demo.add_argument("--base", help="base model file (default: the shipped base)")
+    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    demo.set_defaults(handler=_demo)
 
     info = commands.add_parser("info", parents=[common], help="print the card of a base model or adapter file")
     info.add_argument("path")

@@ -23,3 +23,13 @@ def shipped_models_dir() -> Path:
     if installed.is_dir():
         return installed
     return module_folder.parent / "Resources" / "Models"
+
+
+SAMPLE_IMAGE = "MNI152-2009a-T1-1.5mm.nii.gz"
+SAMPLE_REFERENCE = "MNI152-2009a-tissue-1.5mm.nii.gz"
+"""The shipped sample (Resources/Samples) and its reference tissue map, labelled like the shipped base."""
+
+
+def shipped_samples_dir() -> Path:
+    """``Resources/Samples`` beside the models folder (see :func:`shipped_models_dir`)."""
+    return shipped_models_dir().parent / "Samples"
