@@ -53,7 +53,7 @@ def model_card_example(**changes) -> ModelCard:
 def adapter_card_example(**changes) -> AdapterCard:
     fields = dict(
         name="hippo-v1", base_fingerprint=BASE_FP, base_name="compact-unetr", rank=8,
-        groups=["attn", "mlp_up", "mlp_down"], init="pinv", labels=labels_example(),
+        groups=["attention", "mlp_up", "mlp_down"], init="pinv", labels=labels_example(),
         training={"cases": 3, "steps": 100, "seconds": 61.5, "device": "cpu", "seed": 7, "lr": 1e-3},
         metrics={"dice": 0.7}, parent=None, created="2025-06-01T10:00:00+00:00")
     fields.update(changes)
@@ -362,7 +362,8 @@ def test_model_card_unetr_validation(unetr_changes, message) -> None:
     ({"rank": 0}, "rank must be an integer >= 1, got 0"),
     ({"rank": 2.0}, "rank must be an integer >= 1, got 2.0"),
     ({"init": "random"}, r"init must be one of \('pinv', 'zero'\), got 'random'"),
-    ({"groups": ["attn", "attn"]}, r"groups must be unique, \['attn'\] repeated"),
+    ({"groups": ["attention", "attention"]}, r"groups must be unique, \['attention'\] repeated"),
+    ({"groups": ["attn"]}, r"unknown weight group\(s\) \['attn'\] in groups"),
     ({"groups": ["attn", ""]}, "groups must be a list of non-empty strings"),
     ({"base_fingerprint": "ab" * 31}, "base_fingerprint must be 64 lowercase hex digits"),
     ({"training": {"cases": 3, "steps": 1}}, r"training record is missing \['seconds', 'device', 'seed'\]"),

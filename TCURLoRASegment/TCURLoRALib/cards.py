@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
+from .tcur.config import INITS
+from .tcur.groups import GROUP_NAMES
+
 ADAPTER_CARD_VERSION = 1
 """Adapter card schema version written here; cards with a higher version are refused."""
 
-INITS = ("pinv", "zero")
 TRAINING_KEYS = ("cases", "steps", "seconds", "device", "seed")
 UNETR_REQUIRED = ("in_channels", "out_channels", "img_size", "feature_size", "hidden_size", "mlp_dim", "num_heads")
 UNETR_OPTIONAL = ("proj_type", "norm_name", "conv_block", "res_block", "dropout_rate", "spatial_dims", "qkv_bias",
@@ -312,6 +314,9 @@ def _check_unetr(unetr: Any, n_labels: int) -> dict[str, Any]:
 def _check_groups(groups: Any) -> list[str]:
     if not isinstance(groups, (list, tuple)) or not all(isinstance(g, str) and g.strip() for g in groups):
         raise CardError(f"groups must be a list of non-empty strings, got {groups!r}")
+    unknown = [g for g in groups if g not in GROUP_NAMES]
+    if unknown:
+        raise CardError(f"unknown weight group(s) {unknown} in groups; expected names from {GROUP_NAMES}")
     duplicates = sorted({g for g in groups if list(groups).count(g) > 1})
     if duplicates:
         raise CardError(f"groups must be unique, {duplicates} repeated in {list(groups)!r}")
