@@ -771,16 +771,14 @@ class TCURLoRASegmentTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def _loadSampleOrSynthetic(card):
-        """The first volume in the shipped Resources/Samples, else a bright sphere on noise on the base's grid."""
+        """The shipped sample (Resources/Samples), else a bright sphere on noise on the base's grid."""
         import numpy as np
 
-        from TCURLoRALib.paths import shipped_models_dir
+        from TCURLoRALib.paths import SAMPLE_IMAGE, shipped_samples_dir
 
-        samples = shipped_models_dir().parent / "Samples"
-        files = sorted(p for p in samples.glob("*") if p.name.endswith((".nii.gz", ".nii", ".nrrd"))
-                       and "label" not in p.name and "seg" not in p.name) if samples.is_dir() else []
-        if files:
-            return slicer.util.loadVolume(str(files[0]))
+        sample = shipped_samples_dir() / SAMPLE_IMAGE
+        if sample.is_file():
+            return slicer.util.loadVolume(str(sample))
         shape = [2 * size for size in reversed(card.patch_size)]
         grid = np.indices(shape).astype(np.float32)
         centre = np.array(shape, dtype=np.float32).reshape(3, 1, 1, 1) / 2
