@@ -5,6 +5,7 @@ No Slicer and no qt here, so that the runner is tested as it is: a Slicer panel 
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -149,22 +150,23 @@ class Job:
             return
         self._cancel_requested = True
         try:
-            parent = psutil.Process(self._process.pid)
-            family = parent.children(recursive=True) + [parent]
+            descendants = psutil.Process(self._process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
-            return
-        for process in family:
-            try:
+            descendants = []
+        for process in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 process.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(family, timeout=grace_seconds)
+        self._process.terminate()
+        # The direct child is waited for through Popen, not psutil: whoever reaps it first gets its exit code.
+        try:
+            self._process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        _, alive = psutil.wait_procs(descendants, timeout=grace_seconds)
         for process in alive:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=grace_seconds)
 
 
 def _parse_event(line: str) -> dict[str, Any] | None:
