@@ -55,10 +55,10 @@ def test_overlay_is_radiological_with_anterior_and_superior_up() -> None:
     labels = sitk.GetImageFromArray(labels_array)
     views = overlay_views(image, labels, {1: (255, 0, 0)}, opacity=1.0)
     red = {view: np.argwhere((picture == (255, 0, 0)).all(-1)) for view, picture in views.items()}
-    assert views["axial"].shape == (12, 14, 3)
-    assert red["axial"][:, 0].max() < 6 and red["axial"][:, 1].max() < 7, "anterior up, patient's right on the left"
-    assert red["coronal"][:, 0].max() < 5 and red["coronal"][:, 1].max() < 7, "superior up, right on the left"
-    assert red["sagittal"][:, 0].max() < 5 and red["sagittal"][:, 1].max() < 6, "superior up, anterior on the left"
+    assert views["axial"].shape == (24, 28, 3), "two pixels a voxel"
+    assert red["axial"][:, 0].max() < 12 and red["axial"][:, 1].max() < 14, "anterior up, patient's right on the left"
+    assert red["coronal"][:, 0].max() < 10 and red["coronal"][:, 1].max() < 14, "superior up, right on the left"
+    assert red["sagittal"][:, 0].max() < 10 and red["sagittal"][:, 1].max() < 12, "superior up, anterior on the left"
 
 
 def test_demo_writes_outputs_for_base_and_adapter(tmp_path: Path) -> None:

@@ -85,7 +85,7 @@ def overlay_views(
     foreground = np.argwhere(values > 0)
     centre = foreground.mean(axis=0).astype(int) if len(foreground) else np.array(values.shape) // 2
     spacing_x, spacing_y, spacing_z = image_lps.GetSpacing()
-    pixel = min(spacing_x, spacing_y, spacing_z)
+    pixel = min(spacing_x, spacing_y, spacing_z) / 2  # twice the finest voxel: pictures big enough to read
     return {
         "axial": _upsample(rgb[centre[0]], spacing_y, spacing_x, pixel),
         "coronal": _upsample(rgb[::-1, centre[1], :], spacing_z, spacing_x, pixel),
