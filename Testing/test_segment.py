@@ -22,13 +22,7 @@ from TCURLoRALib.tcur import TCURLoRAConfig, TCURLoRAModel
 SPACING = (1.5, 2.5, 3.0)  # x, y, z in mm: anisotropic, and none of it the tiny base's 2 mm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads on a 2-core machine shared with other jobs made the tiny UNETR ~10x slower (spin waits).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ TARGET_LABELS = [BASE_LABELS[0], TARGET]
 SMALL_SPACING = (1.6, 1.6, 1.6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads made each step 3-4 times slower, not faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
