@@ -131,7 +131,7 @@ class TCURLoRATrainParameterNode:
     parentAdapter: str
     rank: Annotated[int, WithinRange(1, 64), Default(8)]
     steps: Annotated[int, WithinRange(1, 100000), Default(200)]
-    learningRate: Annotated[float, WithinRange(1e-6, 1.0), Default(1e-3), Decimals(6)]
+    learningRate: Annotated[float, WithinRange(1e-6, 1.0), Default(1e-2), Decimals(6)]
     annotatedSlicesOnly: bool
     device: Device
 
