@@ -3,7 +3,7 @@
 What trains in an adapter (the paper's recipe, see DESIGN.md): the core U of every adapted ViT weight group, the
 UNETR decoder blocks decoder5..decoder2, and the output head only when the adapter's labels differ from the base's
 (a fresh head, one channel a label, started at the label prior: weights 0, bias log of each label's frequency in
-the training cases; see :func:`_start_head_at_prior`). Everything else stays frozen.
+the training cases; see :func:`start_head_at_prior`). Everything else stays frozen.
 
 One training step: ``batch_size`` random crops of the card's patch size (UNETR's position embeddings fix its input
 size) from the training cases on the model grid. Each crop is centred, with probability ``1 - BACKGROUND_FRACTION``,
@@ -74,8 +74,9 @@ from .tcur import DECODER_BLOCKS, GROUP_NAMES, HEAD, TCURLoRAConfig, TCURLoRAMod
 
 __all__ = [
     "BACKGROUND_FRACTION", "DEFAULT_BATCH_SIZE", "DEFAULT_LR", "DEFAULT_LR_U", "DEFAULT_PRETRAIN_LR",
-    "DEFAULT_PRETRAIN_STEPS", "DEFAULT_STEPS", "DEFAULT_VALIDATE_EVERY", "CropSampler", "dice_per_label",
-    "masked_dice_ce", "predict_labels", "pretrain", "resolve_device", "split_cases", "train_adapter", "validate",
+    "DEFAULT_PRETRAIN_STEPS", "DEFAULT_STEPS", "DEFAULT_VALIDATE_EVERY", "CropSampler", "FitResult", "dice_per_label",
+    "fit", "masked_dice_ce", "predict_labels", "pretrain", "reproducible", "resolve_device", "split_cases",
+    "start_head_at_prior", "train_adapter", "validate",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -178,7 +179,7 @@ def train_adapter(
     prepared = prepare_cases(train_cases + validation_cases, base.card, mapping)
     train_data, validation_data = prepared[:len(train_cases)], prepared[len(train_cases):]
 
-    with _reproducible(seed, threads):
+    with reproducible(seed, threads):
         unetr = base.model
         base_head = unetr.out
         if parent is not None:
@@ -191,12 +192,12 @@ def train_adapter(
                 unetr.out = base_head  # back to the base's labels: its own head, frozen, as the file will not hold one
             elif _label_json(adapter_labels) != _label_json(parent_card.labels):
                 attach_head(unetr, adapter_labels)
-                _start_head_at_prior(unetr, train_data)
+                start_head_at_prior(unetr, train_data)
             model = TCURLoRAModel(unetr, config, group_state=group_state_of(tensors))
         else:
             if new_head:
                 attach_head(unetr, adapter_labels)
-                _start_head_at_prior(unetr, train_data)
+                start_head_at_prior(unetr, train_data)
             model = TCURLoRAModel(unetr, config)
         model.to(torch_device)
         counts = model.mark_trainable(train_head=new_head)
@@ -209,7 +210,7 @@ def train_adapter(
             {"params": u_parameters, "lr": lr_u, "weight_decay": 0.0},
             {"params": others, "lr": lr, "weight_decay": DECODER_WEIGHT_DECAY},
         ])
-        result = _fit(model, optimizer, train_data, validation_data, adapter_labels, base.card.patch_size, steps,
+        result = fit(model, optimizer, train_data, validation_data, adapter_labels, base.card.patch_size, steps,
                       batch_size, validate_every, seed, torch_device, progress, "train adapter",
                       validate_initial=True)
     model.eval()
@@ -269,10 +270,10 @@ def pretrain(
     train_cases, validation_cases = split_cases(find_cases(cases), validation or "none", seed)
     prepared = prepare_cases(train_cases + validation_cases, card, mapping)
     train_data, validation_data = prepared[:len(train_cases)], prepared[len(train_cases):]
-    with _reproducible(seed, threads):
+    with reproducible(seed, threads):
         model = build_unetr(card).to(torch_device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=DECODER_WEIGHT_DECAY)
-        result = _fit(model, optimizer, train_data, validation_data, card.labels, card.patch_size, steps, batch_size,
+        result = fit(model, optimizer, train_data, validation_data, card.labels, card.patch_size, steps, batch_size,
                       validate_every, seed, torch_device, progress, "pretrain", validate_initial=False)
     model.eval()
     record = {"cases": len(train_data), "validation_cases": len(validation_data), "steps": steps,
@@ -456,7 +457,9 @@ def validate(model: nn.Module, cases: Sequence[PreparedCase], labels: Sequence[L
 
 
 @dataclasses.dataclass
-class _FitResult:
+class FitResult:
+    """What :func:`fit` found: the validated best state's step and scores, and the starting scores."""
+
     validation_cases: int
     best_step: int | None = None
     best: dict[str, Any] | None = None
@@ -472,11 +475,15 @@ class _FitResult:
         return {"validation": metrics}
 
 
-def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequence[PreparedCase],
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequence[PreparedCase],
          validation_data: Sequence[PreparedCase], labels: Sequence[Label], patch_size: Sequence[int], steps: int,
          batch_size: int, validate_every: int, seed: int, device: torch.device, progress: Progress,
-         task: str, validate_initial: bool) -> _FitResult:
+         task: str, validate_initial: bool) -> FitResult:
     """Runs ``steps`` optimiser steps, validating on the way; leaves the model holding the best validated state.
+
+    The loop of :func:`train_adapter` and :func:`pretrain`, public so that other ways of choosing what trains (the
+    few-shot benchmark's LoRA, decoder-only and full fine-tuning) step through the same crops, augmentation, loss
+    and schedule. Without validation cases the last state is kept.
 
     With ``validate_initial`` the starting state (step 0) is validated too, recorded as ``initial`` and is a
     candidate for the best state: continuing an adapter never writes one worse than its parent on the same cases.
@@ -484,7 +491,7 @@ def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequenc
     sampler = CropSampler(train_data, patch_size, seed)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine(step, steps))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    result = _FitResult(len(validation_data))
+    result = FitResult(len(validation_data))
     best_score, best_state = -math.inf, None
 
     def check(step: int) -> None:
@@ -525,7 +532,7 @@ def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequenc
 
 
 @torch.no_grad()
-def _start_head_at_prior(unetr: nn.Module, cases: Sequence[PreparedCase]) -> None:
+def start_head_at_prior(unetr: nn.Module, cases: Sequence[PreparedCase]) -> None:
     """Start a new output head at the label frequencies: weights 0, bias log(frequency of each label).
 
     A randomly initialised head starts with an arbitrary bias per label; measured on the synthetic cases, one seed
@@ -549,7 +556,7 @@ def _cosine(step: int, steps: int) -> float:
 
 
 @contextlib.contextmanager
-def _reproducible(seed: int, threads: int | None) -> Iterator[None]:
+def reproducible(seed: int, threads: int | None) -> Iterator[None]:
     """Seeds torch and switches on deterministic algorithms (and a fixed thread count) while training."""
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.get_num_threads(), torch.backends.cudnn.benchmark)
