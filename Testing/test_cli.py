@@ -38,6 +38,16 @@ def test_help_lists_every_command() -> None:
         assert command in result.stdout
 
 
+def test_train_help_states_the_engines_defaults() -> None:
+    """--help writes the defaults out (no torch import for it): they must be train's."""
+    from TCURLoRALib.train import DEFAULT_INIT, DEFAULT_RANK
+
+    result = run_cli("train", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert f"(default {DEFAULT_RANK})" in text and f"(default {DEFAULT_INIT})" in text
+
+
 def test_info_prints_the_card(models: Path) -> None:
     result = run_cli("info", str(models / "tiny-base.safetensors"))
     assert result.returncode == 0, result.stderr

@@ -65,7 +65,8 @@ from Testing.cohorts.make_defaults import ADAPTERS, COHORTS  # noqa: E402
 
 TASK = "hippocampus"
 PAPER_LORA_RANK = 32
-DEFAULT_TCUR_RANK, DEFAULT_TCUR_INIT = 8, "pinv"
+REFERENCE_TCUR_RANK, REFERENCE_TCUR_INIT = 8, "pinv"
+"""The paper's setting: the reference of the step-time ratios and of the count-matched LoRA rank."""
 FULL = {"n_cases": (1, 3, 5), "seeds": (0, 1), "steps": 25, "test_cases": 2, "ranks": (4, 8, 16),
         "inits": ("pinv", "zero"), "paper_lora": True, "jobs": 2, "threads": 1}
 QUICK = {"n_cases": (1, 3), "seeds": (0,), "steps": 6, "test_cases": 2, "ranks": (8,), "inits": ("pinv",),
@@ -221,8 +222,9 @@ def load_prepared(path: Path) -> tuple[list, dict, dict]:
 # ------------------------------------------------------------------------------------------------ one method's model
 
 
-def build(method: Method, base_path: Path, labels: list, train_data: list, seed: int):
-    """The base prepared for ``method``: ``(model, encoder-side parameters, decoder + head parameters, stored)``.
+def build(method: Method, base_path: Path, labels: list, train_data: list, seed: int, device: str = "cpu"):
+    """The base prepared for ``method`` on ``device``: ``(model, encoder-side parameters, decoder + head
+    parameters, stored)``.
 
     ``stored()`` returns the tensors the method must keep next to the base after training.
     """
@@ -234,7 +236,7 @@ def build(method: Method, base_path: Path, labels: list, train_data: list, seed:
     from TCURLoRALib.train import start_head_at_prior  # noqa: PLC0415
 
     torch.manual_seed(seed)  # LoRA's A and any other random start
-    unetr = load_base(base_path, "cpu").model
+    unetr = load_base(base_path, device).model
     attach_head(unetr, labels)
     start_head_at_prior(unetr, train_data)
     unetr.requires_grad_(False)
@@ -245,7 +247,7 @@ def build(method: Method, base_path: Path, labels: list, train_data: list, seed:
 
     model = unetr
     if method.kind == "tcur":
-        model = TCURLoRAModel(unetr, TCURLoRAConfig(rank=method.rank, init=method.init))
+        model = TCURLoRAModel(unetr, TCURLoRAConfig(rank=method.rank, init=method.init)).to(device)
         model.mark_trainable(train_head=True)
         encoder_side = [group.u for group in model.groups.values()]
         return model, encoder_side, decoder_and_head, lambda: adapter_tensors(model, include_head=True)
@@ -254,7 +256,7 @@ def build(method: Method, base_path: Path, labels: list, train_data: list, seed:
 
         targets = [name for name, _ in lora_targets(unetr)]
         model = inject_adapter_in_model(LoraConfig(r=method.rank, lora_alpha=method.rank, target_modules=targets),
-                                        unetr)
+                                        unetr).to(device)
         model.requires_grad_(False)
         encoder_side = [p for name, p in model.named_parameters() if "lora_" in name]
         stored = lambda: {name: value for name, value in model.state_dict().items()  # noqa: E731
@@ -310,6 +312,8 @@ def run_one(spec: dict, method: Method, n: int, seed: int, labels: list, train_c
     train_data = [train_cases[name] for name in names]
     base_path = Path(spec["base"])
     patch = json.loads(spec["patch"])
+    device = torch.device(spec["device"])
+    on_gpu = device.type == "cuda"
     losses: list[float] = []
 
     def progress(event: str, **fields: Any) -> None:
@@ -317,27 +321,34 @@ def run_one(spec: dict, method: Method, n: int, seed: int, labels: list, train_c
             losses.append(fields["loss"])
 
     with reproducible(seed, spec["threads"]):
-        model, encoder_side, decoder_and_head, stored = build(method, base_path, labels, train_data, seed)
+        model, encoder_side, decoder_and_head, stored = build(method, base_path, labels, train_data, seed,
+                                                              spec["device"])
         steps = 0 if method.kind == "none" else spec["steps"]
         trainable = {"encoder_side": sum(p.numel() for p in encoder_side) if steps else 0,
                      "decoder_and_head": sum(p.numel() for p in decoder_and_head) if steps else 0}
         trainable["total"] = trainable["encoder_side"] + trainable["decoder_and_head"]
         gc.collect()
-        release_free_heap()
-        rss_built = psutil.Process().memory_info().rss / 2**20
-        peak_reset = reset_peak_rss()
+        if on_gpu:  # GPU memory: the allocator's peak over what model and data already held
+            torch.cuda.reset_peak_memory_stats(device)
+            built, peak_reset = torch.cuda.memory_allocated(device) / 2**20, True
+        else:
+            release_free_heap()
+            built, peak_reset = psutil.Process().memory_info().rss / 2**20, reset_peak_rss()
         train_started = time.perf_counter()
         if steps:
             optimizer = optimizer_for(encoder_side, decoder_and_head, spec["lr"], spec["lr_u"])
-            fit(model, optimizer, train_data, [], labels, patch, steps, spec["batch_size"], 1, seed,
-                torch.device("cpu"), progress, "benchmark", validate_initial=False)
+            fit(model, optimizer, train_data, [], labels, patch, steps, spec["batch_size"], 1, seed, device,
+                progress, "benchmark", validate_initial=False)
+        if on_gpu:
+            torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - train_started
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
         model.eval()
         evaluation_started = time.perf_counter()
         per_case = []
         for name, case in sorted(test_cases.items()):
-            prediction = predict_labels(model, case.image, patch, torch.device("cpu"))
+            prediction = predict_labels(model, case.image, patch, device)
             metrics = label_metrics(prediction, case.target, (spec["spacing"],) * 3,
                                     [dataclasses.replace(label, value=index) for index, label in enumerate(labels)])
             per_case.append({"case": name, "labels": [item.to_json() for item in metrics]})
@@ -359,7 +370,8 @@ def run_one(spec: dict, method: Method, n: int, seed: int, labels: list, train_c
         "mean_hd95_mm": float(np.mean(defined_hd95)) if defined_hd95 else None,
         "hd95_undefined": sum(1 for case in per_case for m in case["labels"] if m["hd95_mm"] is None),
         "trainable": trainable, "file_bytes": file_bytes,
-        "step_peak_mib": round(peak - rss_built, 1) if peak_reset and steps else None, "rss_built_mib": round(rss_built, 1),
+        "step_peak_mib": round(peak - built, 1) if peak_reset and steps else None, "built_mib": round(built, 1),
+        "memory": "cuda allocated" if on_gpu else "rss", "device": str(device),
         "final_loss": losses[-1] if losses else None, "train_s": round(train_seconds, 2),
         "eval_s": round(evaluation_seconds, 2), "wall_s": round(time.perf_counter() - started, 2),
         "threads": spec["threads"], "per_case": per_case,
@@ -385,12 +397,15 @@ def time_steps(spec: dict) -> None:
     patch = json.loads(spec["patch"])
     train_data = [train_cases[name] for name in select_cases(sorted(train_cases), max(spec["n_cases"]), 0)]
     images, targets = CropSampler(train_data, patch, 0).batch(spec["batch_size"])
+    device = torch.device(spec["device"])
+    images, targets = images.to(device), targets.to(device)
     steps = {}
     for key in spec["methods"]:
         method = Method.from_key(key)
         if method.kind == "none":
             continue
-        model, encoder_side, decoder_and_head, _ = build(method, Path(spec["base"]), labels, train_data, 0)
+        model, encoder_side, decoder_and_head, _ = build(method, Path(spec["base"]), labels, train_data, 0,
+                                                         spec["device"])
         model.train()
         optimizer = optimizer_for(encoder_side, decoder_and_head, spec["lr"], spec["lr_u"])
 
@@ -398,6 +413,8 @@ def time_steps(spec: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             masked_dice_ce(model(images), targets).backward()
             optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
 
         steps[key] = step
     if spec["timing_threads"]:
@@ -486,7 +503,7 @@ def readable_bytes(count: int) -> str:
 
 def summary_rows(runs: list[dict], methods: list[Method], n_cases: Sequence[int], step_times: dict) -> list[dict]:
     """One row a method: Dice mean and sd over seeds per N, HD95 at the largest N, costs."""
-    reference = step_times.get(f"tcur-{DEFAULT_TCUR_INIT}-r{DEFAULT_TCUR_RANK}")
+    reference = step_times.get(f"tcur-{REFERENCE_TCUR_INIT}-r{REFERENCE_TCUR_RANK}")
     rows = []
     for method in methods:
         mine = [r for r in runs if r["method"] == method.key]
@@ -558,13 +575,17 @@ def plot(rows: list[dict], n_cases: Sequence[int], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
+    colours = {row["method"]: plt.cm.tab20(index % 20) for index, row in enumerate(rows)}
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for index, row in enumerate(rows):
         means = [statistics.mean(row["dice"][n]) if row["dice"][n] else float("nan") for n in n_cases]
         spreads = [statistics.stdev(row["dice"][n]) if len(row["dice"][n]) > 1 else 0.0 for n in n_cases]
         style = "-" if row["method"].startswith("tcur") else "--"
-        axes.errorbar(n_cases, means, yerr=spreads, label=row["title"], linestyle=style, marker="o", capsize=3)
+        shift = 0.03 * (index - (len(rows) - 1) / 2)  # side by side, so that error bars do not hide each other
+        axes.errorbar([n + shift for n in n_cases], means, yerr=spreads, label=row["title"], linestyle=style,
+                      marker="o", capsize=3, color=colours[row["method"]])
     axes.set(xlabel="training cases N", ylabel="mean Dice on held-out cases", xticks=list(n_cases))
+    axes.set_title("mean ± sd over seeds", fontsize=9)
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / "dice_vs_n.png", dpi=120)
@@ -581,11 +602,12 @@ def plot(rows: list[dict], n_cases: Sequence[int], out: Path) -> None:
         mean, spread = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
         if row["trainable"] == 0:
             for axes in (total_axes, encoder_axes):
-                axes.axhline(mean, linestyle=":", color="grey", label=row["title"])
+                axes.axhline(mean, linestyle=":", color=colours[row["method"]], label=row["title"])
             continue
         marker = "s" if row["method"].startswith("tcur") else "o"
         for axes, x in ((total_axes, row["trainable"]), (encoder_axes, row["encoder_side"])):
-            axes.errorbar([x], [mean], yerr=[spread], marker=marker, capsize=3, label=row["title"])
+            axes.errorbar([x], [mean], yerr=[spread], marker=marker, capsize=3, label=row["title"],
+                          color=colours[row["method"]])
     total_axes.set_xscale("log")
     total_axes.set(xlabel="trainable parameters (log)", ylabel=f"mean Dice on held-out cases, N={largest}")
     encoder_axes.set_xscale("symlog", linthresh=1e3)
@@ -621,7 +643,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="decoder and head learning rate")
     parser.add_argument("--lr-u", type=float, default=DEFAULT_LR_U, help="encoder-side learning rate")
-    parser.add_argument("--jobs", type=int, help="training processes at once (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--jobs", type=int, help="training processes at once (default 2 on the CPU, 1 on a GPU)")
     parser.add_argument("--threads", type=int, help="torch threads of each training process (default 1)")
     parser.add_argument("--timing-threads", type=int, default=0, help="torch threads of the step timing (0: all)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -642,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()
     settings = dict(QUICK if args.quick else FULL)
+    if args.device != "cpu":
+        settings["jobs"] = 1  # one GPU: parallel jobs would only queue on it and blur each other's times
     for key, value in (("steps", args.steps), ("seeds", args.seeds), ("n_cases", args.n_cases),
                        ("test_cases", args.test_cases), ("jobs", args.jobs), ("threads", args.threads)):
         if value is not None:
@@ -670,12 +695,12 @@ def main(argv: list[str] | None = None) -> int:
     log("preparing the cases on the model grid")
     prepared = prepare_cohort(cohort_json, base_path, out, settings["test_cases"])
     base = load_base(base_path, "cpu")
-    matched = lora_matched_rank(base.model, DEFAULT_TCUR_RANK)
+    matched = lora_matched_rank(base.model, REFERENCE_TCUR_RANK)
     methods = [Method.from_key(key) for key in args.methods] if args.methods else methods_for(settings, matched)
     spec = {"base": str(base_path), "prepared": str(prepared), "patch": json.dumps(list(base.card.patch_size)),
             "spacing": float(base.card.spacing[0]), "steps": settings["steps"], "batch_size": args.batch_size,
             "lr": args.lr, "lr_u": args.lr_u, "threads": settings["threads"], "adapters": str(out / "adapters"),
-            "n_cases": list(settings["n_cases"]), "timing_threads": args.timing_threads}
+            "n_cases": list(settings["n_cases"]), "timing_threads": args.timing_threads, "device": args.device}
     plan = [(n, seed) for n in settings["n_cases"] for seed in settings["seeds"]]
     runs_path = out / "runs.jsonl"
     held = [r for r in read_runs(runs_path) if (r["steps"], r["batch_size"]) != (settings["steps"], args.batch_size)
@@ -684,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{runs_path} holds runs with other steps or batch size: use another --out")
     log(f"{len(methods)} methods x {len(plan)} (N, seed) runs, {settings['steps']} steps of {args.batch_size} crops, "
         f"{settings['jobs']} jobs x {settings['threads']} threads")
+    held_before = len(read_runs(runs_path))
     run_children(spec, methods, plan, runs_path, settings["jobs"], log)
     log("timing the steps")
     step_times = run_timing(spec, methods, out)
@@ -695,19 +721,22 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: PLC0415
 
     command = "python Testing/benchmarks/bench_fewshot.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    where = torch.cuda.get_device_name(args.device) if args.device != "cpu" else \
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
+    resumed = f" (this invocation; {held_before} runs were already in runs.jsonl)" if held_before else ""
+    memory = "GPU memory allocated" if args.device != "cpu" else "resident memory"
     header = [
         f"# Few-shot benchmark ({'quick' if args.quick else 'full'})", "",
-        f"`{command}`: {elapsed / 60:.1f} min wall on {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-        f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; torch {torch.__version__}, peft "
-        f"{peft.__version__}.",
+        f"`{command}`: {elapsed / 60:.1f} min wall{resumed} on {where}, load average {load_before[0]:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after; torch {torch.__version__}, peft {peft.__version__}.",
         f"Base `{base_path.name}` ({base.card.name}); task: left and right hippocampus, never seen by the base; "
         f"{len(settings['seeds'])} seed(s) {list(settings['seeds'])}, N = {list(settings['n_cases'])} training "
         f"cases, {settings['steps']} steps of {args.batch_size} crops {tuple(base.card.patch_size)}, lr {args.lr} "
         f"(decoder, head) / {args.lr_u} (encoder side); Dice and HD95 on {settings['test_cases']} held-out cases.",
         f"Step time: median of {TIMING_ROUNDS} rotated rounds, all methods in one process, "
-        f"{args.timing_threads or torch.get_num_threads()} thread(s); ratio to tCURLoRA r={DEFAULT_TCUR_RANK} "
-        f"({DEFAULT_TCUR_INIT}). Training ran {settings['jobs']} process(es) at once, {settings['threads']} thread(s) "
-        f"each: wall s/run includes that sharing.",
+        f"{args.timing_threads or torch.get_num_threads()} thread(s); ratio to tCURLoRA r={REFERENCE_TCUR_RANK} "
+        f"({REFERENCE_TCUR_INIT}). Training ran {settings['jobs']} process(es) at once, {settings['threads']} thread(s) "
+        f"each: wall s/run includes that sharing. Step peak: {memory} while training, over that once built.",
     ]
     (out / "summary.md").write_text(markdown(rows, settings["n_cases"], header))
     write_csv(runs, out / "runs.csv")
