@@ -92,6 +92,18 @@ def test_both_inits_train_the_same_update(one_torch_thread) -> None:
         assert (updates["zero"][name] - pinv_update).norm() < 1e-2 * pinv_update.norm(), name
 
 
+def test_dtype_and_device_moves_keep_the_fourier_slices() -> None:
+    model = TCURLoRAModel(tiny_unetr(), TCURLoRAConfig(rank=4))
+    train_steps(model, steps=1)
+    expected = {name: group.delta_weight().detach().double() for name, group in model.groups.items()}
+    model.double().to("cpu")
+    for name, group in model.groups.items():
+        assert group.c_fourier.dtype == torch.complex128, name
+        torch.testing.assert_close(group.delta_weight().detach(), expected[name], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        assert torch.isfinite(model(sample().double())).all()
+
+
 def test_update_changes_output_through_vit_alone() -> None:
     """The output moves when only U moves: ΔW reaches the ViT's Linear layers."""
     model = TCURLoRAModel(tiny_unetr(), TCURLoRAConfig(rank=4))

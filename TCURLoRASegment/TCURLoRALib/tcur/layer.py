@@ -83,6 +83,14 @@ class TCURGroup(nn.Module):
         """``(n1, n2, n3)`` of the group tensor."""
         return self.c.shape[0], self.r.shape[1], self.c.shape[2]
 
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to(dtype) / .double() cast the complex spectra to a real dtype, dropping their imaginary parts:
+        # compute them again from C and R, which were cast like any real buffer.
+        super()._apply(fn, recurse)
+        self.c_fourier = to_fourier(self.c).contiguous()
+        self.r_fourier = to_fourier(self.r).contiguous()
+        return self
+
     def delta_weight(self, u: torch.Tensor | None = None) -> torch.Tensor:
         """``ΔW = C * (U - U0) * R`` by FFT along mode 3, shape ``n1 x n2 x n3``.
 
