@@ -43,6 +43,7 @@ import concurrent.futures
 import copy
 import dataclasses
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -697,6 +698,10 @@ def main(argv: list[str] | None = None) -> int:
     base = load_base(base_path, "cpu")
     matched = lora_matched_rank(base.model, REFERENCE_TCUR_RANK)
     methods = [Method.from_key(key) for key in args.methods] if args.methods else methods_for(settings, matched)
+    needed = (["peft"] if any(m.kind == "lora" for m in methods) else []) + ["matplotlib"]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:  # found now, not after an hour of runs
+        raise SystemExit(f"this benchmark needs {' and '.join(missing)}: python -m pip install {' '.join(missing)}")
     spec = {"base": str(base_path), "prepared": str(prepared), "patch": json.dumps(list(base.card.patch_size)),
             "spacing": float(base.card.spacing[0]), "steps": settings["steps"], "batch_size": args.batch_size,
             "lr": args.lr, "lr_u": args.lr_u, "threads": settings["threads"], "adapters": str(out / "adapters"),
@@ -717,8 +722,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r for r in read_runs(runs_path) if (r["method"], r["n"], r["seed"]) in wanted]
     rows = summary_rows(runs, methods, settings["n_cases"], step_times)
     elapsed = time.perf_counter() - started
-    import peft  # noqa: PLC0415
     import torch  # noqa: PLC0415
+
+    versions = f"torch {torch.__version__}"
+    if "peft" in needed:
+        import peft  # noqa: PLC0415
+
+        versions += f", peft {peft.__version__}"
 
     command = "python Testing/benchmarks/bench_fewshot.py " + " ".join(argv if argv is not None else sys.argv[1:])
     where = torch.cuda.get_device_name(args.device) if args.device != "cpu" else \
@@ -728,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"# Few-shot benchmark ({'quick' if args.quick else 'full'})", "",
         f"`{command}`: {elapsed / 60:.1f} min wall{resumed} on {where}, load average {load_before[0]:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after; torch {torch.__version__}, peft {peft.__version__}.",
+        f"{os.getloadavg()[0]:.1f} after; {versions}.",
         f"Base `{base_path.name}` ({base.card.name}); task: left and right hippocampus, never seen by the base; "
         f"{len(settings['seeds'])} seed(s) {list(settings['seeds'])}, N = {list(settings['n_cases'])} training "
         f"cases, {settings['steps']} steps of {args.batch_size} crops {tuple(base.card.patch_size)}, lr {args.lr} "
