@@ -129,7 +129,7 @@ class TCURLoRATrainParameterNode:
     adapterName: str
     improveAdapter: bool
     parentAdapter: str
-    rank: Annotated[int, WithinRange(1, 64), Default(8)]
+    rank: Annotated[int, WithinRange(1, 64), Default(16)]
     steps: Annotated[int, WithinRange(1, 100000), Default(200)]
     learningRate: Annotated[float, WithinRange(1e-6, 1.0), Default(1e-2), Decimals(6)]
     annotatedSlicesOnly: bool

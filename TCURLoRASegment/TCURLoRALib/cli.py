@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "default: the parent adapter's, else the base's")
     train.add_argument("--parent", help="continue from this adapter (file or name)")
     # Defaults written out, so that --help needs no torch import; a test checks them against train's.
-    train.add_argument("--rank", type=int, help="tensor CUR rank r (default 8)")
+    train.add_argument("--rank", type=int, help="tensor CUR rank r (default 16)")
     train.add_argument("--init", choices=("pinv", "zero"), help="U initialisation (default zero)")
     train.add_argument("--groups", nargs="+", choices=("attention", "mlp_up", "mlp_down"),
                        help="weight groups to adapt (default: all)")
