@@ -82,9 +82,9 @@ from .tcur import DECODER_BLOCKS, GROUP_NAMES, HEAD, TCURLoRAConfig, TCURLoRAMod
 
 __all__ = [
     "BACKGROUND_FRACTION", "DEFAULT_BATCH_SIZE", "DEFAULT_INIT", "DEFAULT_LR", "DEFAULT_LR_U", "DEFAULT_PRETRAIN_LR",
-    "DEFAULT_PRETRAIN_STEPS", "DEFAULT_RANK", "DEFAULT_STEPS", "DEFAULT_VALIDATE_EVERY", "CropSampler", "FitResult", "dice_per_label",
-    "fit", "masked_dice_ce", "predict_labels", "pretrain", "reproducible", "resolve_device", "split_cases",
-    "start_head_at_prior", "train_adapter", "validate",
+    "DEFAULT_PRETRAIN_STEPS", "DEFAULT_RANK", "DEFAULT_STEPS", "DEFAULT_VALIDATE_EVERY", "CropSampler", "FitResult",
+    "adapter_optimizer", "dice_per_label", "fit", "masked_dice_ce", "predict_labels", "pretrain", "reproducible",
+    "resolve_device", "split_cases", "start_head_at_prior", "train_adapter", "validate",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -215,15 +215,9 @@ def train_adapter(
         u_parameters = [group.u for group in model.groups.values()]
         u_ids = {id(p) for p in u_parameters}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in u_ids]
-        # No weight decay on U: decay pulls U toward 0, but ΔW = 0 sits at U = U0 (t-pinv of W[I, J] for the
-        # "pinv" init), so decay would drive the adapter toward a large, arbitrary update instead of toward none.
-        optimizer = torch.optim.AdamW([
-            {"params": u_parameters, "lr": lr_u, "weight_decay": 0.0},
-            {"params": others, "lr": lr, "weight_decay": DECODER_WEIGHT_DECAY},
-        ])
-        result = fit(model, optimizer, train_data, validation_data, adapter_labels, base.card.patch_size, steps,
-                      batch_size, validate_every, seed, torch_device, progress, "train adapter",
-                      validate_initial=True)
+        result = fit(model, adapter_optimizer(u_parameters, others, lr, lr_u), train_data, validation_data,
+                     adapter_labels, base.card.patch_size, steps, batch_size, validate_every, seed, torch_device,
+                     progress, "train adapter", validate_initial=True)
     model.eval()
     training = {
         "cases": len(train_data), "validation_cases": len(validation_data), "steps": steps,
@@ -285,7 +279,7 @@ def pretrain(
         model = build_unetr(card).to(torch_device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=DECODER_WEIGHT_DECAY)
         result = fit(model, optimizer, train_data, validation_data, card.labels, card.patch_size, steps, batch_size,
-                      validate_every, seed, torch_device, progress, "pretrain", validate_initial=False)
+                     validate_every, seed, torch_device, progress, "pretrain", validate_initial=False)
     model.eval()
     record = {"cases": len(train_data), "validation_cases": len(validation_data), "steps": steps,
               "seconds": round(time.monotonic() - started, 2), "device": str(torch_device), "seed": seed, "lr": lr,
@@ -338,6 +332,18 @@ def split_cases(cases: Sequence[TrainingCase], validation: str | Sequence[Any], 
         return ([c for i, c in enumerate(cases) if i not in held_out],
                 [c for i, c in enumerate(cases) if i in held_out])
     return cases, find_cases(validation)
+
+
+def adapter_optimizer(encoder_side: Sequence[nn.Parameter], decoder_and_head: Sequence[nn.Parameter], lr: float,
+                      lr_u: float) -> torch.optim.AdamW:
+    """AdamW of an adapter: the encoder side (U; in the few-shot benchmark also LoRA's A and B, or the base
+    encoder) at ``lr_u`` without weight decay, decoder and head at ``lr`` with :data:`DECODER_WEIGHT_DECAY`."""
+    # No weight decay on U: ΔW = 0 sits at U = U0, and decay pulls U toward 0; for the "pinv" init that is a large,
+    # arbitrary update. Without decay both inits train the same adapter (see the module docstring).
+    groups = [{"params": list(decoder_and_head), "lr": lr, "weight_decay": DECODER_WEIGHT_DECAY}]
+    if encoder_side:
+        groups.insert(0, {"params": list(encoder_side), "lr": lr_u, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups)
 
 
 def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

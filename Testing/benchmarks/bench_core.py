@@ -29,6 +29,7 @@ Not part of the pytest suite (the file name does not match ``test_*.py``) and im
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import ctypes.util
 import gc
@@ -54,7 +55,6 @@ MODELS = {
     "UNETR-B": {"hidden_size": 768, "mlp_dim": 3072, "num_heads": 12},
     "compact": {"hidden_size": 192, "mlp_dim": 768, "num_heads": 6},
 }
-LORA_TARGETS = r".*vit\.blocks\.\d+\.(attn\.(qkv|out_proj)|mlp\.(linear1|linear2))"
 TCUR_RANK = 8
 PAPER_LORA_RANK = 32
 
@@ -178,7 +178,8 @@ def prepare(method: str, rank: int, unetr):
     elif method == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
-        model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), unetr)
+        targets = [name for name, _ in lora_targets(unetr)]
+        model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), unetr)
         model.requires_grad_(False)
         adapter = 0
         for name, parameter in model.named_parameters():
@@ -289,15 +290,23 @@ def run_child(spec: dict, timeout: float) -> dict:
 # ------------------------------------------------------------------------------------------------------------ plan
 
 
-def lora_matched_rank(model: str) -> int:
-    """LoRA rank whose adapter count is closest to tCURLoRA's U (at least 1).
+def lora_targets(unetr) -> list:
+    """The ViT Linear layers LoRA adapts, ``(path, module)``: the ones tCURLoRA's weight groups stack."""
+    from TCURLoRALib.tcur import GROUP_NAMES
+    from TCURLoRALib.tcur.groups import group_sites
 
-    A LoRA of rank R on a Linear ``in -> out`` trains ``R (in + out)`` parameters; per ViT block that is
-    ``R (h + 3h) + R (2h) + 2 R (h + m)``; U is ``r^2 (4L + L + L)`` for the 12 blocks of these models.
+    return [(site.path, unetr.get_submodule(site.path)) for group in GROUP_NAMES for site in group_sites(unetr, group)]
+
+
+def lora_matched_rank(unetr, tcur_rank: int) -> int:
+    """The LoRA rank whose A and B count is nearest tCURLoRA's U at ``tcur_rank`` (at least 1).
+
+    A LoRA of rank R on a Linear ``in -> out`` trains ``R (in + out)``; tCURLoRA's U is ``r^2 n3`` a group.
     """
-    hidden, mlp, layers = MODELS[model]["hidden_size"], MODELS[model]["mlp_dim"], 12
-    per_rank = layers * (4 * hidden + 2 * hidden + 2 * (hidden + mlp))
-    u_count = TCUR_RANK**2 * 6 * layers
+    from TCURLoRALib.tcur import TCURLoRAConfig, TCURLoRAModel
+
+    per_rank = sum(linear.in_features + linear.out_features for _, linear in lora_targets(unetr))
+    u_count = TCURLoRAModel(copy.deepcopy(unetr), TCURLoRAConfig(rank=tcur_rank)).mark_trainable().u
     return max(1, round(u_count / per_rank))
 
 
@@ -313,7 +322,7 @@ def plan(quick: bool, warmup: int, steps: int, threads: int | None) -> list[dict
     specs = [{"kind": "delta", "shapes": shapes, "warmup": 1, "repeats": 3 if quick else 5}]
     for model, size in settings:
         # --quick leaves out the paper's LoRA rank, to stay near a minute.
-        lora_ranks = [lora_matched_rank(model)] + ([] if quick else [PAPER_LORA_RANK])
+        lora_ranks = [lora_matched_rank(build_unetr(model, 64), TCUR_RANK)] + ([] if quick else [PAPER_LORA_RANK])
         methods = [("tcur", TCUR_RANK)] + [("lora", rank) for rank in lora_ranks] + [("frozen", 0)]
         setting = {"model": model, "size": size}
         specs.append({"kind": "time", **setting, "methods": methods, "warmup": warmup, "steps": steps})

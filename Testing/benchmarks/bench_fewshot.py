@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import copy
 import dataclasses
 import gc
 import importlib.util
@@ -61,7 +60,8 @@ for folder in (REPOSITORY / "TCURLoRASegment", REPOSITORY, HERE):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from bench_core import MALLOC_ENV, interleaved, release_free_heap, reset_peak_rss  # noqa: E402
+from bench_core import MALLOC_ENV, interleaved, lora_matched_rank, lora_targets, release_free_heap, \
+    reset_peak_rss  # noqa: E402
 from Testing.cohorts.make_defaults import ADAPTERS, COHORTS  # noqa: E402
 
 TASK = "hippocampus"
@@ -107,26 +107,6 @@ class Method:
         if key in ("decoder", "full", "none"):
             return Method(key)
         raise ValueError(f"unknown method {key!r}")
-
-
-def lora_targets(unetr) -> list[tuple[str, Any]]:
-    """The ViT Linear layers LoRA adapts (the same ones tCURLoRA's groups stack): (name, module)."""
-    from TCURLoRALib.tcur import GROUP_NAMES  # noqa: PLC0415
-    from TCURLoRALib.tcur.groups import group_sites  # noqa: PLC0415
-
-    return [(site.path, unetr.get_submodule(site.path)) for group in GROUP_NAMES for site in group_sites(unetr, group)]
-
-
-def lora_matched_rank(unetr, tcur_rank: int) -> int:
-    """The LoRA rank whose A and B count is nearest tCURLoRA's U at ``tcur_rank`` (at least 1).
-
-    A LoRA of rank R on a Linear ``in -> out`` trains ``R (in + out)``; tCURLoRA's U is ``r^2 n3`` a group.
-    """
-    from TCURLoRALib.tcur import TCURLoRAConfig, TCURLoRAModel  # noqa: PLC0415
-
-    per_rank = sum(linear.in_features + linear.out_features for _, linear in lora_targets(unetr))
-    u_count = TCURLoRAModel(copy.deepcopy(unetr), TCURLoRAConfig(rank=tcur_rank)).mark_trainable().u
-    return max(1, round(u_count / per_rank))
 
 
 def methods_for(settings: dict, matched_lora_rank: int) -> list[Method]:
@@ -276,18 +256,6 @@ def build(method: Method, base_path: Path, labels: list, train_data: list, seed:
     return model, encoder_side, decoder_and_head, stored
 
 
-def optimizer_for(encoder_side: list, decoder_and_head: list, lr: float, lr_u: float):
-    """AdamW as ``train_adapter`` builds it: the encoder side at ``lr_u`` without decay, the rest at ``lr``."""
-    import torch  # noqa: PLC0415
-
-    from TCURLoRALib.train import DECODER_WEIGHT_DECAY  # noqa: PLC0415
-
-    groups = [{"params": decoder_and_head, "lr": lr, "weight_decay": DECODER_WEIGHT_DECAY}]
-    if encoder_side:
-        groups.insert(0, {"params": encoder_side, "lr": lr_u, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups)
-
-
 def save_stored(tensors: dict, path: Path) -> int:
     """Write what a method stores (contiguous, detached) as safetensors; its size in bytes."""
     from safetensors.torch import save_file  # noqa: PLC0415
@@ -306,7 +274,7 @@ def run_one(spec: dict, method: Method, n: int, seed: int, labels: list, train_c
     import torch  # noqa: PLC0415
 
     from TCURLoRALib.metrics import label_metrics  # noqa: PLC0415
-    from TCURLoRALib.train import fit, predict_labels, reproducible  # noqa: PLC0415
+    from TCURLoRALib.train import adapter_optimizer, fit, predict_labels, reproducible  # noqa: PLC0415
 
     started = time.perf_counter()
     names = select_cases(sorted(train_cases), n, seed)
@@ -337,7 +305,7 @@ def run_one(spec: dict, method: Method, n: int, seed: int, labels: list, train_c
             built, peak_reset = psutil.Process().memory_info().rss / 2**20, reset_peak_rss()
         train_started = time.perf_counter()
         if steps:
-            optimizer = optimizer_for(encoder_side, decoder_and_head, spec["lr"], spec["lr_u"])
+            optimizer = adapter_optimizer(encoder_side, decoder_and_head, spec["lr"], spec["lr_u"])
             fit(model, optimizer, train_data, [], labels, patch, steps, spec["batch_size"], 1, seed, device,
                 progress, "benchmark", validate_initial=False)
         if on_gpu:
@@ -392,7 +360,7 @@ def time_steps(spec: dict) -> None:
     """Child process: every method built side by side on one batch of real crops, steps timed in rotated rounds."""
     import torch  # noqa: PLC0415
 
-    from TCURLoRALib.train import CropSampler, masked_dice_ce  # noqa: PLC0415
+    from TCURLoRALib.train import CropSampler, adapter_optimizer, masked_dice_ce  # noqa: PLC0415
 
     labels, train_cases, _ = load_prepared(Path(spec["prepared"]))
     patch = json.loads(spec["patch"])
@@ -408,7 +376,7 @@ def time_steps(spec: dict) -> None:
         model, encoder_side, decoder_and_head, _ = build(method, Path(spec["base"]), labels, train_data, 0,
                                                          spec["device"])
         model.train()
-        optimizer = optimizer_for(encoder_side, decoder_and_head, spec["lr"], spec["lr_u"])
+        optimizer = adapter_optimizer(encoder_side, decoder_and_head, spec["lr"], spec["lr_u"])
 
         def step(model=model, optimizer=optimizer) -> None:
             optimizer.zero_grad(set_to_none=True)
