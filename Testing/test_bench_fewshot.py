@@ -5,7 +5,6 @@ these tests check that on the tiny base (LoRA needs ``peft``, which the test req
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from synthetic import make_tiny_base
 
 BENCHMARKS = Path(__file__).resolve().parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-bench = pytest.importorskip("bench_fewshot")
+import bench_fewshot as bench  # noqa: E402
 
 from TCURLoRALib.cards import Label  # noqa: E402
 from TCURLoRALib.cases import PreparedCase  # noqa: E402
