@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from .tcur.config import INITS
-from .tcur.groups import GROUP_NAMES
+from .tcur.names import GROUP_NAMES, INITS
 
 ADAPTER_CARD_VERSION = 1
 """Adapter card schema version written here; cards with a higher version are refused."""

@@ -1,16 +1,35 @@
-"""Core math of tCURLoRA (torch only): the t-product, tensor CUR, and the adapter on a UNETR's ViT."""
+"""Core math of tCURLoRA (torch only): the t-product, tensor CUR, and the adapter on a UNETR's ViT.
+
+Names are resolved on first use (PEP 562), so that ``tcur.names`` and ``tcur.config`` import without torch.
+"""
 from __future__ import annotations
 
-from .config import INITS, TCURLoRAConfig
-from .cur import SELECTION_RULES, TensorCUR, select_slices, slice_scores, tensor_cur
-from .groups import GROUP_NAMES, LinearSite, group_sites, stack_group, vit_blocks
-from .layer import TCURGroup, TCURLinear
-from .model import DECODER_BLOCKS, HEAD, ParameterCounts, TCURLoRAModel
-from .tproduct import from_fourier, t_identity, t_pinv, t_product, t_transpose, to_fourier
+import importlib
+from typing import Any
 
-__all__ = [
-    "DECODER_BLOCKS", "GROUP_NAMES", "HEAD", "INITS", "SELECTION_RULES", "LinearSite", "ParameterCounts",
-    "TCURGroup", "TCURLinear", "TCURLoRAConfig", "TCURLoRAModel", "TensorCUR", "from_fourier", "group_sites",
-    "select_slices", "slice_scores", "stack_group", "t_identity", "t_pinv", "t_product", "t_transpose",
-    "tensor_cur", "to_fourier", "vit_blocks",
-]
+from .config import TCURLoRAConfig
+from .names import GROUP_NAMES, INITS, SELECTION_RULES
+
+_LAZY = {
+    "TensorCUR": "cur", "select_slices": "cur", "slice_scores": "cur", "tensor_cur": "cur",
+    "LinearSite": "groups", "group_sites": "groups", "stack_group": "groups", "vit_blocks": "groups",
+    "TCURGroup": "layer", "TCURLinear": "layer",
+    "DECODER_BLOCKS": "model", "HEAD": "model", "ParameterCounts": "model", "TCURLoRAModel": "model",
+    "from_fourier": "tproduct", "t_identity": "tproduct", "t_pinv": "tproduct", "t_product": "tproduct",
+    "t_transpose": "tproduct", "to_fourier": "tproduct",
+}
+
+__all__ = sorted(["GROUP_NAMES", "INITS", "SELECTION_RULES", "TCURLoRAConfig", *_LAZY])
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .cur import SELECTION_RULES
-from .groups import GROUP_NAMES
+from .names import GROUP_NAMES, INITS, SELECTION_RULES
 
 __all__ = ["INITS", "TCURLoRAConfig"]
-
-INITS = ("pinv", "zero")
 
 
 @dataclass

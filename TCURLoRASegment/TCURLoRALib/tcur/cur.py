@@ -26,11 +26,10 @@ from typing import NamedTuple
 
 import torch
 
+from .names import SELECTION_RULES
 from .tproduct import t_pinv, t_product
 
 __all__ = ["SELECTION_RULES", "TensorCUR", "slice_scores", "select_slices", "tensor_cur"]
-
-SELECTION_RULES = ("topk", "inverse_sampling")
 
 
 class TensorCUR(NamedTuple):

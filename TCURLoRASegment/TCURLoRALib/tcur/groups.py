@@ -15,9 +15,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["GROUP_NAMES", "LinearSite", "group_sites", "stack_group", "vit_blocks"]
+from .names import GROUP_NAMES
 
-GROUP_NAMES = ("attention", "mlp_up", "mlp_down")
+__all__ = ["GROUP_NAMES", "LinearSite", "group_sites", "stack_group", "vit_blocks"]
 
 
 @dataclass(frozen=True)
