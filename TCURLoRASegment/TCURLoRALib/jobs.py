@@ -198,6 +198,11 @@ class Job:
                 return events
 
     @property
+    def cancel_requested(self) -> bool:
+        """:meth:`cancel` was called (the job may still be running until the engine or the kill stops it)."""
+        return self._cancel_requested
+
+    @property
     def finished(self) -> bool:
         return self.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
