@@ -55,6 +55,15 @@ def test_every_panel_module_imports_without_torch_monai_or_numpy() -> None:
     assert f"imported {len(PANEL_MODULES)} modules" in output
 
 
+@pytest.mark.parametrize("path", ["TCURLoRASegment/TCURLoRASegment.py", "TCURLoRATrain/TCURLoRATrain.py",
+                                  "TCURLoRASegment/TCURLoRAGui/__init__.py"])
+def test_the_engine_imports_of_the_slicer_side_need_no_torch_monai_or_numpy(path: str) -> None:
+    modules = engine_imports_of(REPO_ROOT / path)
+    assert modules and all(module.startswith("TCURLoRALib.panels.") for module in modules), modules
+    ok, output = selftest.imports_without(sys.executable, modules, ENGINE_FOLDER)
+    assert ok, output
+
+
 def test_the_import_check_catches_a_module_that_needs_numpy(tmp_path: Path) -> None:
     (tmp_path / "needs_numpy.py").write_text("import json\nfrom numpy import linalg\n")
     ok, output = selftest.imports_without(sys.executable, ["needs_numpy"], tmp_path)
