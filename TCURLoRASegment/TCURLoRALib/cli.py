@@ -1,7 +1,7 @@
 """The command-line interface: ``python -m TCURLoRALib {segment,train,pretrain,evaluate,adapters,info}``.
 
 Exit codes: 0 success, 2 bad input (a file, an argument or a card that cannot be used), 3 internal error,
-130 cancelled (SIGINT or SIGTERM). With ``--progress json`` every event, the final error included, is one JSON object
+130 cancelled (SIGINT, SIGTERM or the file named by ``$TCURLORA_CANCEL_FILE``). With ``--progress json`` every event, the final error included, is one JSON object
 a line on standard output (see :mod:`TCURLoRALib.progress`); human-readable messages go to standard error.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .progress import Cancelled, JsonLinesProgress, Progress, TerminalProgress, silent
+from .progress import Cancelled, JsonLinesProgress, Progress, TerminalProgress, cancellable, silent
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CANCELLED", "EXIT_INTERNAL", "EXIT_OK", "build_parser", "main"]
 
@@ -40,6 +40,20 @@ def install_cancel_handlers() -> None:
     """Turn SIGINT and SIGTERM into :class:`Cancelled`, so that jobs unwind and atomic writes clean up."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_cancelled)
+
+
+def run_command(handler: Handler, args: argparse.Namespace, progress: Progress) -> Any:
+    """Runs a command's handler; a :class:`Cancelled` that a library wrapped in an error of its own (MONAI's
+    transforms re-raise whatever they meet as RuntimeError) comes out as :class:`Cancelled` again."""
+    try:
+        return handler(args, progress)
+    except Exception as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, Cancelled):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise Cancelled(str(cause)) from None
 
 
 def _make_progress(mode: str) -> Progress:
@@ -340,10 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    progress = _make_progress(getattr(args, "progress", "none"))
+    # A cancel file (the Slicer panels' way to stop a job on Windows) is checked at every progress event.
+    progress = cancellable(_make_progress(getattr(args, "progress", "none")))
     install_cancel_handlers()
     try:
-        args.handler(args, progress)
+        run_command(args.handler, args, progress)
         return EXIT_OK
     except Cancelled as error:
         progress("error", kind="cancelled", message=str(error))

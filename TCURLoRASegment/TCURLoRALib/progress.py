@@ -15,17 +15,47 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
-__all__ = ["Cancelled", "EtaClock", "JsonLinesProgress", "Progress", "TerminalProgress", "silent"]
+__all__ = ["CANCEL_FILE_ENV", "CancelOnFile", "Cancelled", "EtaClock", "JsonLinesProgress", "Progress",
+           "TerminalProgress", "cancellable", "silent"]
 
 Progress = Callable[..., None]
 
+CANCEL_FILE_ENV = "TCURLORA_CANCEL_FILE"
+"""Environment variable naming a file whose appearance cancels the job (set by :class:`~TCURLoRALib.jobs.Job`)."""
+
 
 class Cancelled(Exception):
-    """The job was asked to stop (SIGINT or SIGTERM); it stopped cleanly and wrote nothing partial."""
+    """The job was asked to stop (SIGINT, SIGTERM or a cancel file); it stopped cleanly and wrote nothing partial."""
+
+
+class CancelOnFile:
+    """A :class:`Progress` that passes every event on, and raises :class:`Cancelled` once ``path`` exists.
+
+    Windows has no SIGTERM for a child process (``terminate`` is TerminateProcess, which runs no clean-up), so the
+    Slicer panels ask a job to stop by creating this file. Every training step, sliding window and validation
+    reports progress, so a job stops within one step. ``"done"`` and ``"error"`` pass without a check: the work
+    is published, or failing, by then.
+    """
+
+    def __init__(self, progress: Progress, path: str | os.PathLike):
+        self.progress = progress
+        self.path = os.fspath(path)
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        if event not in ("done", "error") and os.path.exists(self.path):
+            raise Cancelled(f"cancel requested (found {self.path!r})")
+        self.progress(event, **fields)
+
+
+def cancellable(progress: Progress, environ: Mapping[str, str] = os.environ) -> Progress:
+    """``progress`` wrapped in :class:`CancelOnFile` when ``$TCURLORA_CANCEL_FILE`` is set, else itself."""
+    path = environ.get(CANCEL_FILE_ENV)
+    return CancelOnFile(progress, path) if path else progress
 
 
 def silent(event: str, **fields: Any) -> None:
