@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.networks.nets import UNETR
 
-from TCURLoRALib import files
+from TCURLoRALib import files, tensorfiles
 from TCURLoRALib.adapter import AdaptedUNETR, attach_head, read_adapter, save_adapter
 from TCURLoRALib.basemodel import import_checkpoint, load_base, save_base
 from TCURLoRALib.cards import AdapterCard, AdapterMismatchError, Label
@@ -69,14 +69,14 @@ def test_base_round_trip_is_frozen_and_fingerprinted(base_path: Path) -> None:
     base = load_base(base_path)
     assert not base.model.training
     assert not any(p.requires_grad for p in base.model.parameters())
-    assert base.card.fingerprint == files.fingerprint({k: v for k, v in base.model.state_dict().items()})
+    assert base.card.fingerprint == tensorfiles.fingerprint({k: v for k, v in base.model.state_dict().items()})
     assert base.card.labels == LABELS
 
 
 def test_edited_base_weights_are_refused(base_path: Path, tmp_path: Path) -> None:
-    tensors, card = files.load(base_path, "base")
+    tensors, card = tensorfiles.load(base_path, "base")
     tensors["vit.norm.weight"] = tensors["vit.norm.weight"] + 1
-    files.save_atomic(tmp_path / "edited.safetensors", tensors, card, kind="base")
+    tensorfiles.save_atomic(tmp_path / "edited.safetensors", tensors, card, kind="base")
     with pytest.raises(files.TCURLoRAFileError, match="do not match the fingerprint of its card"):
         load_base(tmp_path / "edited.safetensors")
 
@@ -137,9 +137,9 @@ def test_truncated_or_tampered_adapter_is_refused(base_path: Path, tmp_path: Pat
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(files.TCURLoRAFileError, match="truncated"):
         read_adapter(tmp_path / "cut.safetensors", base)
-    tensors, card = files.load(path, "adapter")
+    tensors, card = tensorfiles.load(path, "adapter")
     del tensors["tcur.attention.u"]
-    files.save_atomic(tmp_path / "no_u.safetensors", tensors, card, kind="adapter")
+    tensorfiles.save_atomic(tmp_path / "no_u.safetensors", tensors, card, kind="adapter")
     with pytest.raises(files.TCURLoRAFileError, match=r"declares groups \['attention', 'mlp_up'\] but holds tensors"):
         read_adapter(tmp_path / "no_u.safetensors", base)
     with pytest.raises(FileNotFoundError):

@@ -427,5 +427,5 @@ def test_segmentation_refuses_labels_without_segment(tmp_path):
         volumes.write_segmentation(tmp_path / "x.seg.nrrd", labels, GRID, [Segment(1, "one")])
     with pytest.raises(ValueError, match=r"must end with '\.seg\.nrrd'"):
         volumes.write_segmentation(tmp_path / "x.nrrd", labels, GRID, [Segment(2, "two")])
-    with pytest.raises(FileNotFoundError, match=r"no such folder"):
+    with pytest.raises(FileNotFoundError, match=r"folder .*missing. does not exist"):
         volumes.write_segmentation(tmp_path / "missing" / "x.seg.nrrd", labels, GRID, [Segment(2, "two")])

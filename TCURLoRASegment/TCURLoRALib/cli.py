@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from .progress import Cancelled, JsonLinesProgress, Progress, TerminalProgress, silent
+from .store import adapter_store, resolve_adapter, resolve_base
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CANCELLED", "EXIT_INTERNAL", "EXIT_OK", "build_parser", "main"]
 
@@ -48,52 +49,6 @@ def _make_progress(mode: str) -> Progress:
     if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
         return TerminalProgress(sys.stderr)
     return silent
-
-
-# ---------------------------------------------------------------------------------------------------- resolving
-
-
-def resolve_base(argument: str | None) -> Path:
-    """``--base``: a file, or else the one shipped base model."""
-    from . import files
-    from .paths import shipped_models_dir
-
-    if argument:
-        path = Path(argument)
-        if not path.is_file():
-            raise FileNotFoundError(f"base model {argument!r} does not exist")
-        return path
-    folder = shipped_models_dir()
-    bases = []
-    for candidate in sorted(folder.glob("*.safetensors")):
-        try:
-            if files.read_info(candidate)[0] == "base":
-                bases.append(candidate)
-        except files.TCURLoRAFileError:
-            continue
-    if len(bases) != 1:
-        found = "none" if not bases else ", ".join(p.name for p in bases)
-        raise ValueError(f"give --base: {len(bases)} shipped base models in {str(folder)!r} ({found})")
-    return bases[0]
-
-
-def adapter_store():
-    from .paths import shipped_models_dir
-    from .store import AdapterStore
-
-    return AdapterStore(shipped_models_dir())
-
-
-def resolve_adapter(argument: str | None) -> Path | None:
-    """``--adapter``: an adapter file, or the name of one in the store; ``None`` or ``"none"`` for the base alone."""
-    if argument is None or argument.lower() == "none":
-        return None
-    path = Path(argument)
-    if path.suffix == ".safetensors" or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter file {argument!r} does not exist")
-        return path
-    return adapter_store().find(argument).path
 
 
 # ---------------------------------------------------------------------------------------------------- commands

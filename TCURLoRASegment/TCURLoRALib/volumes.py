@@ -24,13 +24,14 @@ from __future__ import annotations
 import math
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
+
+from .outputs import atomic_write
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -517,7 +518,7 @@ def write_label_map(path: PathLike, labels: np.ndarray, geometry: Geometry) -> P
                          f"{', '.join(LABEL_WRITE_EXTENSIONS)} (use write_segmentation for {SEGMENTATION_EXTENSION})")
     array = _compact_labels(_check_label_array(labels, geometry.shape, "label map to write"))
     image = geometry.image_from_array(array)
-    _atomic_write(path, extension, lambda tmp: sitk.WriteImage(image, tmp, True))
+    atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True), what="label map")
     return path
 
 
@@ -563,7 +564,7 @@ def write_segmentation(path: PathLike, labels: np.ndarray, geometry: Geometry,
             for s in segments
         ],
     }
-    _atomic_write(path, SEGMENTATION_EXTENSION, lambda tmp: slicerio.write_segmentation(tmp, segmentation))
+    atomic_write(path, lambda tmp: slicerio.write_segmentation(tmp, segmentation), what="Slicer segmentation")
     return path
 
 
@@ -843,21 +844,3 @@ def _flattened_values(entries: Sequence[dict]) -> list:
     if len(set(values)) == len(values) and all(1 <= v <= _MAX_LABEL for v in values):
         return values
     return list(range(1, len(entries) + 1))
-
-
-def _atomic_write(path: Path, extension: str, write: Callable[[str], None]) -> None:
-    """Run `write` on a temporary file next to `path` (same extension, so writers pick the same format), then move
-    it onto `path`; the temporary file is removed if writing fails."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no such folder to write {str(path)!r} into: {str(folder)!r}")
-    stem = path.name[: len(path.name) - len(extension)]
-    # Not mkstemp: that creates the file private (0600), and the result should get an ordinary new file's mode.
-    temporary = str(folder / f".{stem}.{secrets.token_hex(8)}.tmp{extension}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "TCURLoRASegment"))
 
-from TCURLoRALib import files, metrics  # noqa: E402
+from TCURLoRALib import metrics, tensorfiles  # noqa: E402
 from TCURLoRALib.basemodel import load_base, save_base  # noqa: E402
 from TCURLoRALib.cards import Label  # noqa: E402
 from TCURLoRALib.progress import TerminalProgress  # noqa: E402
@@ -105,9 +105,9 @@ def evaluate_on(model_path: Path, adapter: Path | None, cases: list[dict[str, st
 
 
 def _rewrite_card(path: Path, kind: str, update: dict[str, Any]) -> None:
-    tensors, card = files.load(path, kind)
+    tensors, card = tensorfiles.load(path, kind)
     card["metrics"] = {**card.get("metrics", {}), **update}
-    files.save_atomic(path, tensors, card, kind=kind)
+    tensorfiles.save_atomic(path, tensors, card, kind=kind)
 
 
 def main(argv: list[str] | None = None) -> int:
