@@ -10,6 +10,8 @@ import pytest
 import safetensors.torch
 import torch
 
+from faults import flip_bytes
+
 from TCURLoRALib import files, tensorfiles
 from TCURLoRALib.cards import (AdapterCard, AdapterMismatchError, CardError, Label, ModelCard,
                                check_adapter_matches_base)
@@ -553,3 +555,110 @@ def test_find_prefers_shipped_on_a_clash_and_reports_it(store_dirs) -> None:
     assert any("has the name of a shipped adapter" in p.message for p in store.problems)
     with pytest.raises(FileNotFoundError, match=r"no adapter named 'nothing'; available: \["):
         store.find("nothing")
+
+
+# ---------------------------------------------------------------------------------------------------------- integrity
+
+
+def test_digest_written_equals_digest_read_from_the_file(tmp_path: Path) -> None:
+    """The writer hashes tensors, the reader the file's bytes: one rule, every dtype (bf16, bool, f16 scalar,
+    empty)."""
+    tensors = tensors_example()
+    path = tensorfiles.save_atomic(tmp_path / "a.safetensors", tensors, {}, "adapter")
+    contents = files.read_whole(path, "adapter")
+    assert contents.checked and contents.version == files.FORMAT_VERSION
+    assert files.read_card(path) == {}
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        stored = json.loads(handle.read(length))["__metadata__"][files.DIGEST_KEY]
+    assert stored == tensorfiles.digest(tensors)
+    assert tensorfiles.digest(dict(reversed(list(tensors.items())))) == stored
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_any_flipped_byte_of_a_tensor_is_refused(tmp_path: Path, where: str) -> None:
+    path = tensorfiles.save_atomic(tmp_path / "a.safetensors", tensors_example(), {"name": "x"}, "adapter")
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    position = {"first": 8 + length, "middle": (8 + length + len(data)) // 2, "last": len(data) - 1}[where]
+    flip_bytes(path, position, mask=0x10)
+    assert files.read_card(path) == {"name": "x"}, "the header is intact: listing still works"
+    with pytest.raises(TCURLoRAFileError, match=r"is damaged: its tensors do not match the digest it was written "
+                                                r"with .*copy the file again from where it came from, or retrain it"):
+        tensorfiles.load(path, "adapter")
+
+
+def test_a_version_2_file_without_its_digest_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "v2.safetensors"
+    metadata = {"format": "tcurlora-adapter", "format_version": "2", "card": "{}"}
+    safetensors.torch.save_file({"w": torch.ones(1)}, path, metadata=metadata)
+    with pytest.raises(TCURLoRAFileError, match="has no 'tensors_sha256' entry, which format_version 2 files carry"):
+        tensorfiles.load(path, "adapter")
+
+
+def test_a_version_1_adapter_loads_as_legacy_with_a_warning(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "v1.safetensors"
+    metadata = {"format": "tcurlora-adapter", "format_version": "1", "card": '{"n": 1}'}
+    safetensors.torch.save_file({"w": torch.ones(2)}, path, metadata=metadata)
+    with caplog.at_level("WARNING"):
+        tensors, card = tensorfiles.load(path, "adapter")
+    assert card == {"n": 1} and torch.equal(tensors["w"], torch.ones(2))
+    assert "written without a tensor digest: its tensors cannot be checked" in caplog.text
+    assert not files.read_whole(path, "adapter").checked
+
+
+def two_versions(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A file and two complete versions of it, each card saying which tensors it belongs with."""
+    a = tensorfiles.save_atomic(tmp_path / "a.safetensors", {"w": torch.zeros(50_000)}, {"version": "a"}, "adapter")
+    b = tensorfiles.save_atomic(tmp_path / "b.safetensors", {"w": torch.ones(50_000)}, {"version": "b"}, "adapter")
+    target = tmp_path / "adapter.safetensors"
+    target.write_bytes(a.read_bytes())
+    return target, a, b
+
+
+def test_a_file_replaced_while_it_is_read_gives_one_version_whole(tmp_path: Path, monkeypatch) -> None:
+    """The reader opens the file, then another process renames a new version onto it (an atomic save): header and
+    tensors must both be the old version (one open file), never the old card with the new tensors."""
+    target, _a, b = two_versions(tmp_path)
+    real_open = open
+
+    def open_then_replaced(path, *args, **kwargs):
+        handle = real_open(path, *args, **kwargs)
+        if Path(path) == target:
+            os.replace(tmp_path / "b-copy.safetensors", target)
+        return handle
+
+    (tmp_path / "b-copy.safetensors").write_bytes(b.read_bytes())
+    monkeypatch.setattr(files, "open", open_then_replaced, raising=False)
+    tensors, card = tensorfiles.load(target, "adapter")
+    assert card == {"version": "a"} and not tensors["w"].any()
+
+
+REPLACE_IN_A_LOOP = """
+import os, sys
+from pathlib import Path
+target, a, b = (Path(p) for p in sys.argv[1:4])
+for index in range(int(sys.argv[4])):
+    source = a if index % 2 else b
+    temporary = target.with_name(f".swap{index}")
+    temporary.write_bytes(source.read_bytes())
+    os.replace(temporary, target)
+"""
+
+
+def test_reading_while_another_process_replaces_the_file_pairs_no_card_with_the_other_tensors(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    target, a, b = two_versions(tmp_path)
+    writer = subprocess.Popen([sys.executable, "-c", REPLACE_IN_A_LOOP, str(target), str(a), str(b), "3000"])
+    try:
+        reads = 0
+        while writer.poll() is None or reads < 20:
+            tensors, card = tensorfiles.load(target, "adapter")
+            assert bool(tensors["w"].all()) == (card["version"] == "b") and bool(tensors["w"].any()) == (
+                card["version"] == "b"), f"card of version {card['version']} with the other version's tensors"
+            reads += 1
+    finally:
+        writer.wait(timeout=60)
+    assert writer.returncode == 0

@@ -23,7 +23,7 @@ from .basemodel import BaseModel
 from .cards import AdapterCard, Label, check_adapter_matches_base
 from .tcur import DECODER_BLOCKS, HEAD, TCURLoRAConfig, TCURLoRAModel
 
-__all__ = ["AdaptedUNETR", "adapter_tensors", "attach_head", "read_adapter", "save_adapter"]
+__all__ = ["AdaptedUNETR", "adapter_file_bytes", "adapter_tensors", "attach_head", "read_adapter", "save_adapter"]
 
 GROUP_PREFIX = "tcur."
 GROUP_KEYS = ("rows", "cols", "u_init", "u")
@@ -58,6 +58,11 @@ def adapter_tensors(model: TCURLoRAModel, include_head: bool) -> dict[str, torch
         if _is_decoder(name) or (include_head and _is_head(name)):
             tensors[name] = value.detach()
     return tensors
+
+
+def adapter_file_bytes(model: TCURLoRAModel, include_head: bool) -> int:
+    """Bytes of the tensors an adapter file of ``model`` holds (the file adds a header of a few kB)."""
+    return sum(value.numel() * value.element_size() for value in adapter_tensors(model, include_head).values())
 
 
 def save_adapter(path: str | os.PathLike, model: TCURLoRAModel, card: AdapterCard, include_head: bool) -> Path:

@@ -177,6 +177,21 @@ class OutputFiles:
         self._check_space()
         return path
 
+    def expect(self, path: PathLike, expected_bytes: int) -> None:
+        """Sets the expected size of an added output once it is known (e.g. after the model is built) and checks
+        the free space again.
+
+        Raises:
+            OutputError: too little free space; ValueError: ``path`` was not added.
+        """
+        path = Path(path)
+        for index, output in enumerate(self._outputs):
+            if output.path == path:
+                self._outputs[index] = _Output(path, output.what, max(0, int(expected_bytes)))
+                self._check_space()
+                return
+        raise ValueError(f"{str(path)!r} is not one of the outputs {[str(p) for p in self.paths]}")
+
     def publish(self, writers: Mapping[PathLike, Writer]) -> list[Path]:
         """Write every added output and publish them together (see the module docstring).
 
@@ -326,6 +341,8 @@ def remove_stale_temporaries(folder: PathLike) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
 
 
@@ -379,7 +396,11 @@ def _probe_folder(path: Path, what: str) -> None:
 
 
 def _write_flushed(path: Path, write: Writer) -> None:
+    """Runs the writer, gives the file an ordinary new file's permissions (some writers create theirs private) and
+    flushes it to disk."""
     write(str(path))
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~_UMASK)
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
 

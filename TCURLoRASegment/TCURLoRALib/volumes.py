@@ -41,6 +41,11 @@ LABEL_MAP_EXTENSIONS = IMAGE_EXTENSIONS + (SEGMENTATION_EXTENSION,)
 # Single-file formats only: a detached header (.nhdr, .mhd) is two files, which one os.replace cannot make atomic.
 LABEL_WRITE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".mha")
 NORMALIZATION_KINDS = ("zscore_nonzero", "percentile")
+MIN_AXIS_VOXELS = 8
+"""Fewest voxels along every axis, in the image and on the model grid, of an image prepared for a model: below it
+there is no 3-D context to segment (a point, a line, a slice)."""
+MAX_MODEL_VOXELS = 1 << 28
+"""Most voxels of a model grid (1 GiB as float32): more means a header with a wrong spacing (100 mm for 1 mm)."""
 
 # Relative tolerance of grid comparisons. NIfTI stores its affine in float32, so a grid written and read back
 # differs by ~1e-7 relative; 1e-4 (of a voxel for positions) separates that from a genuinely different grid.
@@ -400,7 +405,9 @@ def prepare_for_model(image: sitk.Image, spacing: Sequence[float], orientation: 
         PreparedVolume: float32 array (D, H, W) = (z, y, x) of the model grid, and the grid mapping.
 
     Raises:
-        ValueError: bad spacing, orientation code or normalisation spec, or an image that is not 3-D scalar.
+        ValueError: bad spacing, orientation code or normalisation spec, an image that is not 3-D scalar, or one
+            too small (fewer than :data:`MIN_AXIS_VOXELS` voxels along an axis, in the image or on the model grid)
+            or too large (more than :data:`MAX_MODEL_VOXELS` on the model grid) to segment.
     """
     target_spacing = _check_spacing(spacing)
     code = _check_orientation(orientation)
@@ -408,6 +415,7 @@ def prepare_for_model(image: sitk.Image, spacing: Sequence[float], orientation: 
     image = _as_scalar_3d(image, "image")
     input_grid = Geometry.from_image(image)
     model_grid = model_grid_for(input_grid, target_spacing, code)
+    _check_model_grid_size(input_grid, model_grid)
     resampled = _resample(sitk.Cast(image, sitk.sitkFloat32), model_grid, sitk.sitkLinear)
     array = normalize_intensity(sitk.GetArrayFromImage(resampled), spec)
     return PreparedVolume(array=array, mapping=GridMapping(input_grid, model_grid))
@@ -427,6 +435,21 @@ def model_grid_for(input_grid: Geometry, spacing: Sequence[float], orientation: 
     centre = np.array(oriented.origin) + direction @ ((np.array(oriented.size) - 1) * np.array(oriented.spacing) / 2)
     origin = centre - direction @ ((size - 1) * target_spacing / 2)
     return Geometry(tuple(size), tuple(target_spacing), tuple(origin), oriented.direction)
+
+
+def _check_model_grid_size(input_grid: Geometry, model_grid: Geometry) -> None:
+    """Refuses an image too small to hold 3-D context, or too large to resample (a wrong spacing, usually)."""
+    extent = " x ".join(f"{n * s:.4g}" for n, s in zip(input_grid.size, input_grid.spacing))
+    spacing = " x ".join(f"{s:g}" for s in model_grid.spacing)
+    if min(input_grid.size) < MIN_AXIS_VOXELS or min(model_grid.size) < MIN_AXIS_VOXELS:
+        raise ValueError(f"the image is too small to segment: {input_grid.size} voxels covering {extent} mm, which "
+                         f"is {model_grid.size} voxels at the model's {spacing} mm; at least {MIN_AXIS_VOXELS} voxels "
+                         f"along every axis are needed, in the image and at the model's spacing")
+    voxels = int(np.prod(np.array(model_grid.size, dtype=np.int64)))
+    if voxels > MAX_MODEL_VOXELS:
+        raise ValueError(f"the image is too large to resample: it covers {extent} mm, which at the model's {spacing} "
+                         f"mm is {model_grid.size} = {voxels:,} voxels, more than the {MAX_MODEL_VOXELS:,} allowed; "
+                         f"check the voxel spacing in its header (e.g. 100 mm where 1 mm was meant), or crop it")
 
 
 def check_normalization(spec: Mapping[str, object]) -> dict:
