@@ -662,3 +662,38 @@ def test_reading_while_another_process_replaces_the_file_pairs_no_card_with_the_
     finally:
         writer.wait(timeout=60)
     assert writer.returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------------- no torch
+
+NO_TORCH = """
+import sys
+
+class Blocked:
+    '''Refuses torch, monai and numpy, as a Slicer without PyTorch installed would.'''
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "monai", "numpy"):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, Blocked())
+from TCURLoRALib import files, store
+
+entries = store.adapter_store().list()
+print([entry.name for entry in entries])
+print(files.read_card(store.resolve_base(None), "base")["name"])
+print(store.resolve_adapter("mine"))
+print([m for m in ("torch", "monai", "numpy") if m in sys.modules])
+"""
+
+
+def test_listing_adapters_and_reading_cards_needs_no_torch(store_dirs) -> None:
+    from faults import run_python
+
+    shipped, user = store_dirs
+    (shipped / "broken.safetensors").unlink()
+    save_user_adapter(AdapterStore(shipped), {"u": torch.ones(1)}, adapter_card_example(name="mine"))
+    result = run_python(NO_TORCH, env={"TCURLORA_MODELS": str(shipped), "TCURLORA_HOME": str(user.parent)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["['mine', 'Shipped-A']", "compact-unetr", str(user / "mine.safetensors"),
+                                          "[]"]
