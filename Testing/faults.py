@@ -105,6 +105,26 @@ def run_python(code: str, *args: str, cwd: Path | None = None, env: dict | None 
                           timeout=timeout)
 
 
+BLOCK_IMPORTS = '''
+import sys
+
+class _Blocked:
+    """Refuses to import the named packages, as a Python without them installed would."""
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError(f"{{name}} is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, _Blocked())
+'''
+
+
+def run_python_without(blocked: tuple, code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Like :func:`run_python`, with the top-level packages ``blocked`` (e.g. ``("torch", "monai")``) unimportable
+    (a ``sys.meta_path`` finder that raises ImportError)."""
+    return run_python(BLOCK_IMPORTS.format(blocked=tuple(blocked)) + code, *args, env=env)
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m TCURLoRALib ...`` in a child process."""
