@@ -277,7 +277,7 @@ def test_cuda_without_gpu(base_path: Path, oblique_image: Path, tmp_path: Path) 
     ({"output_path": "labels.png"}, r"output label map '.*labels\.png' must end with one of"),
     ({"seg_nrrd_path": "s.nrrd"}, r"Slicer segmentation '.*s\.nrrd' must end with '\.seg\.nrrd'"),
     ({"probabilities_path": "p.seg.nrrd"}, r"probability map '.*p\.seg\.nrrd' must end with one of \.nrrd"),
-    ({"probabilities_path": "labels.nii.gz"}, r"probabilities_path '.*labels\.nii\.gz' is the same file as output"),
+    ({"probabilities_path": "labels.nii.gz"}, r"probability map '.*labels\.nii\.gz' is the same file as the label map"),
     ({"overlap": 1.0}, r"overlap must be a number in \[0, 1\), got 1\.0"),
     ({"sw_batch_size": 0}, r"sw_batch_size must be an integer >= 1, got 0"),
 ])
@@ -294,5 +294,5 @@ def test_bad_arguments_are_refused_before_any_work(base_path: Path, oblique_imag
 
 
 def test_output_onto_the_input_image_is_refused(base_path: Path, oblique_image: Path) -> None:
-    with pytest.raises(ValueError, match=r"output '.*oblique\.nrrd' is the same file as the input image"):
+    with pytest.raises(ValueError, match=r"label map '.*oblique\.nrrd' is the file .* that this command reads"):
         segment(oblique_image, base_path, oblique_image)

@@ -48,6 +48,13 @@ def test_shipped_files_are_what_the_store_lists() -> None:
         assert path.stat().st_size <= 25 * 1024 * 1024, f"{path.name} is over 25 MB"
 
 
+def test_shipped_adapters_carry_a_digest_that_holds() -> None:
+    """Rewritten with format_version 2 (tensors byte-identical to the trained files): damage is refused."""
+    for entry in AdapterStore(shipped_models_dir(), Path("/nonexistent-user-folder")).list():
+        contents = files.read_whole(entry.path, "adapter")
+        assert contents.checked and contents.version >= 2, entry.name
+
+
 def test_adapters_match_the_shipped_base(session: AdaptedUNETR) -> None:
     for entry in AdapterStore(shipped_models_dir(), Path("/nonexistent-user-folder")).list():
         _, card = read_adapter(entry.path, session.base)

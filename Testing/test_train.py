@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from synthetic import BASE_LABELS, TARGET, case_arrays, make_tiny_base, tiny_card_fields, write_case
-from TCURLoRALib import files, volumes
+from TCURLoRALib import tensorfiles, volumes
 from TCURLoRALib.adapter import AdaptedUNETR
 from TCURLoRALib.basemodel import load_base
 from TCURLoRALib.cards import ModelCard
@@ -42,7 +42,7 @@ def tiny_card() -> ModelCard:
 
 
 def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return files.load(path, kind="adapter")[0]
+    return tensorfiles.load(path, kind="adapter")[0]
 
 
 # ---------------------------------------------------------------- end to end

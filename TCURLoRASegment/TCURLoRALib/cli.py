@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .outputs import OutputFiles
 from .progress import Cancelled, JsonLinesProgress, Progress, TerminalProgress, cancellable, silent
+from .store import adapter_store, resolve_adapter, resolve_base
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CANCELLED", "EXIT_INTERNAL", "EXIT_OK", "build_parser", "main"]
 
@@ -64,52 +66,6 @@ def _make_progress(mode: str) -> Progress:
     return silent
 
 
-# ---------------------------------------------------------------------------------------------------- resolving
-
-
-def resolve_base(argument: str | None) -> Path:
-    """``--base``: a file, or else the one shipped base model."""
-    from . import files
-    from .paths import shipped_models_dir
-
-    if argument:
-        path = Path(argument)
-        if not path.is_file():
-            raise FileNotFoundError(f"base model {argument!r} does not exist")
-        return path
-    folder = shipped_models_dir()
-    bases = []
-    for candidate in sorted(folder.glob("*.safetensors")):
-        try:
-            if files.read_info(candidate)[0] == "base":
-                bases.append(candidate)
-        except files.TCURLoRAFileError:
-            continue
-    if len(bases) != 1:
-        found = "none" if not bases else ", ".join(p.name for p in bases)
-        raise ValueError(f"give --base: {len(bases)} shipped base models in {str(folder)!r} ({found})")
-    return bases[0]
-
-
-def adapter_store():
-    from .paths import shipped_models_dir
-    from .store import AdapterStore
-
-    return AdapterStore(shipped_models_dir())
-
-
-def resolve_adapter(argument: str | None) -> Path | None:
-    """``--adapter``: an adapter file, or the name of one in the store; ``None`` or ``"none"`` for the base alone."""
-    if argument is None or argument.lower() == "none":
-        return None
-    path = Path(argument)
-    if path.suffix == ".safetensors" or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter file {argument!r} does not exist")
-        return path
-    return adapter_store().find(argument).path
-
-
 # ---------------------------------------------------------------------------------------------------- commands
 
 
@@ -119,7 +75,7 @@ def _segment(args: argparse.Namespace, progress: Progress) -> None:
     result = segment(
         args.image, resolve_base(args.base), args.output, adapter_path=resolve_adapter(args.adapter),
         seg_nrrd_path=args.seg_nrrd, probabilities_path=args.probabilities, overlap=args.overlap,
-        sw_batch_size=args.sw_batch_size, device=args.device, progress=progress,
+        sw_batch_size=args.sw_batch_size, device=args.device, overwrite=args.overwrite, progress=progress,
     )
     if args.progress != "json":
         for name, millilitres in result.volumes_ml.items():
@@ -135,7 +91,7 @@ def _demo(args: argparse.Namespace, progress: Progress) -> None:
     reference = args.reference or (None if args.image else samples / SAMPLE_REFERENCE)
     shipped = [entry for entry in adapter_store().list() if entry.source == "shipped"]
     runs = run_demo(resolve_base(args.base), shipped, image, args.output, reference_path=reference,
-                    device=args.device, progress=progress)
+                    device=args.device, overwrite=args.overwrite, progress=progress)
     if args.progress != "json":
         print(format_report(runs))
         print(f"outputs in {Path(args.output).resolve()}")
@@ -220,7 +176,7 @@ def _train(args: argparse.Namespace, progress: Progress) -> None:
     out, name = _adapter_output(args)
     labels = _json_argument(args.labels, "--labels")
     card = train_adapter(
-        resolve_base(args.base), _cases(args), labels, out, name=name, progress=progress,
+        resolve_base(args.base), _cases(args), labels, out, name=name, overwrite=args.overwrite, progress=progress,
         **_given(rank=args.rank, init=args.init, groups=args.groups, lr_u=args.lr_u,
                  parent_adapter=resolve_adapter(args.parent)),
         **_training_options(args),
@@ -234,7 +190,8 @@ def _pretrain(args: argparse.Namespace, progress: Progress) -> None:
     from .train import pretrain
 
     card_fields = _json_argument(args.card, "--card")
-    card = pretrain(_cases(args), card_fields, args.output, progress=progress, **_training_options(args))
+    card = pretrain(_cases(args), card_fields, args.output, overwrite=args.overwrite, progress=progress,
+                    **_training_options(args))
     if args.progress != "json":
         print(f"base model {card.name!r} written to {args.output}")
 
@@ -245,11 +202,14 @@ def _evaluate(args: argparse.Namespace, progress: Progress) -> None:
     if len(args.predictions) != len(args.references):
         raise ValueError(f"{len(args.predictions)} predictions but {len(args.references)} references: give one "
                          "reference per prediction, in the same order")
-    cases = metrics.evaluate(args.predictions, args.references, progress=progress)
+    outputs = OutputFiles(overwrite=args.overwrite, inputs=[*args.predictions, *args.references])
+    reports = {}
     if args.json:
-        metrics.write_json(args.json, cases)
+        reports[outputs.add(args.json, "metrics JSON")] = metrics.write_json
     if args.csv:
-        metrics.write_csv(args.csv, cases)
+        reports[outputs.add(args.csv, "metrics CSV")] = metrics.write_csv
+    cases = metrics.evaluate(args.predictions, args.references, progress=progress)
+    outputs.publish({path: lambda temporary, write=write: write(temporary, cases) for path, write in reports.items()})
     if args.progress != "json":
         print(metrics.format_table(cases))
 
@@ -294,12 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default 0.25)")
     seg.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     seg.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    seg.add_argument("--overwrite", action="store_true", help="replace output files that exist")
     seg.set_defaults(handler=_segment)
 
     train = commands.add_parser("train", parents=[common], help="train a tCURLoRA adapter on a few cases")
     train.add_argument("--name", help="adapter name; saved in your adapter folder ($TCURLORA_HOME)")
     train.add_argument("--out", help="write the adapter to this file instead")
-    train.add_argument("--overwrite", action="store_true", help="replace a user adapter of the same name")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace a user adapter of the same name, or the --out file")
     train.add_argument("--base", help="base model file (default: the shipped base)")
     train.add_argument("--labels", help="the adapter's labels, JSON list of {value, name, color} (inline or file); "
                                         "default: the parent adapter's, else the base's")
@@ -316,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser("pretrain", parents=[common], help="train a whole UNETR into a base-model file")
     pretrain.add_argument("--card", required=True, help="model card fields without fingerprint (JSON inline or file)")
     pretrain.add_argument("-o", "--output", required=True, help="base-model file to write")
+    pretrain.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     _add_training_arguments(pretrain)
     pretrain.set_defaults(handler=_pretrain)
 
@@ -324,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--references", nargs="+", required=True, help="reference label maps, same order")
     evaluate.add_argument("--json", help="also write the metrics as JSON")
     evaluate.add_argument("--csv", help="also write the metrics as CSV")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace the --json/--csv files if they exist")
     evaluate.set_defaults(handler=_evaluate)
 
     demo = commands.add_parser("demo", parents=[common],
@@ -333,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--reference", help="reference label map for Dice (the sample's ships with it)")
     demo.add_argument("--base", help="base model file (default: the shipped base)")
     demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    demo.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in the folder")
     demo.set_defaults(handler=_demo)
 
     info = commands.add_parser("info", parents=[common], help="print the card of a base model or adapter file")

@@ -31,6 +31,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from . import volumes
 from .cards import Label
+from .outputs import atomic_write
 from .progress import Progress, silent
 
 __all__ = ["CaseMetrics", "LabelMetrics", "evaluate", "format_table", "label_metrics", "summarize", "write_csv",
@@ -345,5 +346,5 @@ def _write_text(path: Path, text: str) -> Path:
         with open(temporary, "w", encoding="utf-8", newline="") as stream:
             stream.write(text)
 
-    volumes._atomic_write(path, path.suffix, write)
+    atomic_write(path, write, what="metrics")
     return path

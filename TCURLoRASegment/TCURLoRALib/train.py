@@ -72,11 +72,12 @@ from monai.losses import DiceLoss
 from monai.transforms import Compose, RandAffined, RandScaleIntensityd, RandShiftIntensityd
 from torch import nn
 
-from .adapter import attach_head, group_state_of, read_adapter, save_adapter
+from .adapter import adapter_file_bytes, attach_head, group_state_of, read_adapter, save_adapter
 from .basemodel import build_unetr, load_base, save_base
 from .cards import AdapterCard, Label, ModelCard
 from .cases import IGNORE_INDEX, LabelMapping, PreparedCase, TrainingCase, find_cases, parse_label_mapping, \
     prepare_cases
+from .outputs import OutputFiles
 from .progress import EtaClock, Progress, silent
 from .tcur import DECODER_BLOCKS, GROUP_NAMES, HEAD, TCURLoRAConfig, TCURLoRAModel
 
@@ -133,6 +134,7 @@ def train_adapter(
     validate_every: int = DEFAULT_VALIDATE_EVERY,
     parent_adapter: PathLike | None = None,
     threads: int | None = None,
+    overwrite: bool = False,
     progress: Progress = silent,
 ) -> AdapterCard:
     """Train a tCURLoRA adapter on a base model and write it (atomically) with its card.
@@ -143,7 +145,8 @@ def train_adapter(
             (see :mod:`TCURLoRALib.cases`).
         labels: the adapter's labels (``labels[0]`` background, value 0); ``None``: the parent adapter's, else the
             base's. Labels other than the base's get a new output head, which then trains.
-        out_path: the adapter file to write (its folder must exist).
+        out_path: the adapter file to write: its folder must exist and take the file (checked before the work, with
+            the free space); an existing file only with ``overwrite``, never the base or the parent.
         name: adapter name in the card; default: the file name without ``.safetensors``.
         label_map: case structure -> adapter label (dict, JSON text or JSON file; rules in :mod:`cases`).
         unmapped: ``"error"`` (default), ``"background"`` or ``"ignore"`` for structures the mapping misses.
@@ -158,6 +161,8 @@ def train_adapter(
         validate_every: steps between validations (the last step is always validated).
         parent_adapter: an adapter file of the same base to continue from (its U, decoder and head).
         threads: torch CPU threads while training (``None``: leave torch's setting).
+        overwrite: replace an existing ``out_path``; without it the file is also written exclusively, so that an
+            adapter another run wrote there meanwhile is never replaced.
         progress: receives start / step / metric / done events.
 
     Returns:
@@ -168,10 +173,14 @@ def train_adapter(
 
     Raises:
         FileNotFoundError, ValueError, CardError, TCURLoRAFileError: bad input (files, labels, settings, mapping).
+        FileExistsError: ``out_path`` exists and ``overwrite`` is False.
+        OutputError: ``out_path`` cannot be written (before the work), or writing it failed (after the work: the
+            adapter was kept where the message says).
         Cancelled: raised by the caller's signal handler; nothing is written then.
     """
     _check_settings(steps, lr, lr_u, batch_size, validate_every)
-    out_path = _check_out_path(out_path)
+    outputs = OutputFiles(overwrite=overwrite, inputs=[base_path, parent_adapter])
+    out_path = outputs.add(out_path, "adapter")
     started = time.monotonic()
     torch_device = resolve_device(device)
     base = load_base(base_path, torch_device)
@@ -211,6 +220,7 @@ def train_adapter(
                 start_head_at_prior(unetr, train_data)
             model = TCURLoRAModel(unetr, config)
         model.to(torch_device)
+        outputs.expect(out_path, adapter_file_bytes(model, include_head=new_head))
         counts = model.mark_trainable(train_head=new_head)
         u_parameters = [group.u for group in model.groups.values()]
         u_ids = {id(p) for p in u_parameters}
@@ -228,7 +238,7 @@ def train_adapter(
         "torch": torch.__version__,
     }
     card = dataclasses.replace(card, training=training, metrics=result.metrics_json())
-    save_adapter(out_path, model, card, include_head=new_head)
+    outputs.publish({out_path: lambda temporary: save_adapter(temporary, model, card, include_head=new_head)})
     progress("done", output=str(out_path), seconds=training["seconds"])
     return card
 
@@ -248,6 +258,7 @@ def pretrain(
     label_map: Mapping[str, Any] | str | None = None,
     unmapped: str = "error",
     threads: int | None = None,
+    overwrite: bool = False,
     progress: Progress = silent,
 ) -> ModelCard:
     """Train a whole UNETR from scratch and write it as a base-model file (atomically).
@@ -255,9 +266,9 @@ def pretrain(
     Args:
         cases: training cases (as for :func:`train_adapter`).
         card_fields: every :class:`ModelCard` field but the fingerprint; its labels are the network's outputs.
-        out_path: the base-model file to write.
-        steps, lr, batch_size, seed, device, validate_every, label_map, unmapped, threads, progress: as for
-            :func:`train_adapter` (all weights train at ``lr``).
+        out_path: the base-model file to write (checked before the work, as for :func:`train_adapter`).
+        steps, lr, batch_size, seed, device, validate_every, label_map, unmapped, threads, overwrite, progress: as
+            for :func:`train_adapter` (all weights train at ``lr``).
         validation: validation cases, ``"auto"``, or ``None``/``"none"`` (default: none, the last state is kept).
 
     Returns:
@@ -265,7 +276,8 @@ def pretrain(
         ``provenance["training"]`` the training record.
     """
     _check_settings(steps, lr, lr, batch_size, validate_every)
-    out_path = _check_out_path(out_path)
+    outputs = OutputFiles(overwrite=overwrite)
+    out_path = outputs.add(out_path, "base model")
     started = time.monotonic()
     fields = dict(card_fields)
     fields.pop("fingerprint", None)
@@ -277,6 +289,7 @@ def pretrain(
     train_data, validation_data = prepared[:len(train_cases)], prepared[len(train_cases):]
     with reproducible(seed, threads):
         model = build_unetr(card).to(torch_device)
+        outputs.expect(out_path, sum(value.numel() * value.element_size() for value in model.state_dict().values()))
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=DECODER_WEIGHT_DECAY)
         result = fit(model, optimizer, train_data, validation_data, card.labels, card.patch_size, steps, batch_size,
                      validate_every, seed, torch_device, progress, "pretrain", validate_initial=False)
@@ -286,9 +299,10 @@ def pretrain(
               "batch_size": batch_size, "best_step": result.best_step, "torch": torch.__version__}
     fields["metrics"] = {**dict(fields.get("metrics") or {}), **result.metrics_json()}
     fields["provenance"] = {**dict(fields.get("provenance") or {}), "training": record}
-    written = save_base(out_path, model, fields)
+    written: list[ModelCard] = []
+    outputs.publish({out_path: lambda temporary: written.append(save_base(temporary, model, fields))})
     progress("done", output=str(out_path), seconds=record["seconds"])
-    return written
+    return written[-1]
 
 
 # ---------------------------------------------------------------- pieces
@@ -603,14 +617,6 @@ def _check_settings(steps: Any, lr: Any, lr_u: Any, batch_size: Any, validate_ev
     for what, value in (("lr", lr), ("lr_u", lr_u)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{what} must be a positive number, got {value!r}")
-
-
-def _check_out_path(out_path: PathLike) -> Path:
-    path = Path(out_path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
-    return path
 
 
 def _default_name(out_path: Path) -> str:

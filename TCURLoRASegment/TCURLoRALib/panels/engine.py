@@ -29,13 +29,13 @@ def engine_folder() -> Path:
 
 def adapter_store() -> Any:
     """The adapter store: shipped adapters and the user's folder (``$TCURLORA_HOME``)."""
-    from ..cli import adapter_store  # moving to store.py (torch-free store): the one line to repoint
+    from ..store import adapter_store
 
     return adapter_store()
 
 
 def _resolve_base(path: str | os.PathLike | None) -> Path:
-    from ..cli import resolve_base  # moving to store.py with adapter_store
+    from ..store import resolve_base
 
     return resolve_base(str(path) if path else None)
 
