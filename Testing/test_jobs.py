@@ -14,6 +14,7 @@ import pytest
 from synthetic import make_tiny_base, write_case
 from TCURLoRALib import jobs
 from TCURLoRALib.jobs import Job, JobState, hidden_console_options
+from TCURLoRALib.outputs import KEEP_DIR_ENV
 from TCURLoRALib.progress import CANCEL_FILE_ENV, Cancelled, CancelOnFile, cancellable
 
 TESTING_DIR = Path(__file__).resolve().parent
@@ -70,6 +71,23 @@ def test_segment_job_reports_progress_and_cleans_up(data: Path, tmp_path: Path) 
     assert steps[-1]["step"] == steps[-1]["total"]
     assert output.is_file()
     assert not (tmp_path / "work").exists(), "the work folder is removed after success"
+
+
+def test_a_relative_output_lands_in_the_callers_folder_not_the_work_folder(data: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The work folder goes after success: a relative ``-o`` must resolve against where the job was made."""
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
+    job = Job(["segment", str(data / "case1_image.nii.gz"), "-o", "out.nii.gz", "--base",
+               str(data / "base.safetensors")], work_dir=tmp_path / "work")
+    monkeypatch.chdir(tmp_path)  # where the caller is later does not matter: the job's folder was fixed when made
+    (tmp_path / "work").mkdir()
+    job.start()
+    drain(job)
+    assert job.state is JobState.DONE, job.log
+    assert (caller / "out.nii.gz").is_file()
+    assert not (tmp_path / "out.nii.gz").exists() and not (tmp_path / "work").exists()
 
 
 def test_failure_surfaces_its_message_and_keeps_the_work_folder(data: Path, tmp_path: Path) -> None:
@@ -143,12 +161,14 @@ def test_output_in_another_code_page_is_replaced_and_the_job_finishes(tmp_path: 
 
 
 def test_child_writes_utf8_unbuffered_and_knows_its_cancel_file(tmp_path: Path) -> None:
-    job = fake_job(tmp_path, "env", "PYTHONIOENCODING", "PYTHONUNBUFFERED", CANCEL_FILE_ENV)
+    job = fake_job(tmp_path, "env", "PYTHONIOENCODING", "PYTHONUNBUFFERED", CANCEL_FILE_ENV, KEEP_DIR_ENV)
     job.start()
     assert job.wait(timeout=120) is JobState.DONE, job.log
     (logged,) = [e for e in job.poll_events() if e["event"] == "log"]
     assert json.loads(logged["message"]) == {"PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1",
-                                             CANCEL_FILE_ENV: str(tmp_path / jobs.CANCEL_FILE_NAME)}
+                                             CANCEL_FILE_ENV: str(tmp_path / jobs.CANCEL_FILE_NAME),
+                                             KEEP_DIR_ENV: str(tmp_path)}, "results that fail to publish stay " \
+                                                                           "in the work folder"
 
 
 def test_a_failing_reader_still_finishes_the_job_and_stops_the_child(tmp_path: Path, monkeypatch) -> None:

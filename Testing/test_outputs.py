@@ -13,7 +13,8 @@ import pytest
 
 from faults import fill, read_only_folder, run_python, small_filesystem
 from TCURLoRALib import outputs
-from TCURLoRALib.outputs import OutputError, OutputFiles, atomic_write, remove_stale_temporaries, temporary_path
+from TCURLoRALib.outputs import (KEEP_DIR_ENV, OutputError, OutputFiles, atomic_write, remove_stale_temporaries,
+                                  temporary_path)
 
 
 def text_writer(text: str):
@@ -189,6 +190,22 @@ def test_exclusive_publish_never_replaces_a_file_that_appeared(tmp_path: Path, m
     kept = caught.value.kept_in / "mine.safetensors"
     assert kept.parent.parent == tmp_path and kept.read_text() == "this run's adapter"
     assert str(kept) in str(caught.value) and "choose another name, or give --overwrite" in str(caught.value)
+
+
+def test_results_are_kept_in_the_jobs_work_folder_when_one_is_named(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A background job runs in the caller's folder but names its work folder: kept results go there first."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(KEEP_DIR_ENV, str(work))
+    planned = OutputFiles()
+    target = planned.add(tmp_path / "mine.safetensors", "adapter")
+    (tmp_path / "mine.safetensors").write_text("the other run's adapter")
+    with pytest.raises(OutputError) as caught:
+        planned.publish({target: text_writer("this run's adapter")})
+    assert caught.value.kept_in.parent == work
+    assert (caught.value.kept_in / "mine.safetensors").read_text() == "this run's adapter"
 
 
 def test_full_disk_at_the_final_write_keeps_the_results_elsewhere(tmp_path: Path,

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import psutil
 
+from .outputs import KEEP_DIR_ENV
 from .progress import CANCEL_FILE_ENV
 
 __all__ = ["ENGINE_MODULE", "Job", "JobState", "child_environment", "engine_folder", "hidden_console_options"]
@@ -63,8 +64,10 @@ def hidden_console_options(os_name: str = os.name, startupinfo: Callable[[], Any
 
 def child_environment(base: dict[str, str], extra: dict[str, str], cancel_file: Path) -> dict[str, str]:
     """The child's environment: ``base`` and ``extra``, the engine first on ``PYTHONPATH``, UTF-8 unbuffered output,
-    the cancel file, and glibc malloc settings that cut a training step's system time (see DESIGN.md)."""
+    the cancel file, the job's work folder for results that could not be published (``$TCURLORA_KEEP_DIR``), and
+    glibc malloc settings that cut a training step's system time (see DESIGN.md)."""
     env = {**base, **extra}
+    env[KEEP_DIR_ENV] = str(cancel_file.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(engine_folder()), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
@@ -90,6 +93,8 @@ class Job:
         python: the interpreter; Slicer passes its ``PythonSlicer``, default the current one.
         work_dir: a temporary folder for inputs and outputs; removed after success, kept (and named in the log)
             after a failure or cancel so that nothing the user may need is lost. Created when not given.
+        cwd: the child's current folder, against which relative paths in ``arguments`` resolve; default the
+            caller's current folder when the job is made (never the work folder, which goes after success).
         env: extra environment variables for the child (a ``PYTHONPATH`` here is kept, after the engine's).
         module: the module run with ``-m`` (tests run stand-ins of the engine).
 
@@ -111,8 +116,10 @@ class Job:
         work_dir: str | os.PathLike | None = None,
         env: dict[str, str] | None = None,
         module: str = ENGINE_MODULE,
+        cwd: str | os.PathLike | None = None,
     ):
         self.arguments = [str(argument) for argument in arguments]
+        self.cwd = Path(cwd) if cwd is not None else Path.cwd()
         self.python = python or sys.executable
         self.module = module
         self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="tcurlora-job-"))
@@ -139,7 +146,7 @@ class Job:
         self.cancel_file.unlink(missing_ok=True)
         self._process = subprocess.Popen(
             self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=self.work_dir, env=child_environment(dict(os.environ), self.env, self.cancel_file),
+            cwd=self.cwd, env=child_environment(dict(os.environ), self.env, self.cancel_file),
             encoding="utf-8", errors="replace", bufsize=1, **hidden_console_options(),
         )
         self.state = JobState.RUNNING

@@ -11,8 +11,9 @@
   (a cancel that arrives then withdraws them all): all appear or none do. A new file is published exclusively, by a
   hard link that fails when the name appeared meanwhile, so a second run cannot silently replace the first's result.
 - Should publishing still fail (a full disk, a name taken meanwhile, a folder made read only), nothing is published,
-  the results are written into a new ``tcurlora-kept-<time>`` folder (in the current folder, which is a Slicer job's
-  work folder, else the system's temporary folder, else the home folder) and :class:`OutputError` names it.
+  the results are written into a new ``tcurlora-kept-<time>`` folder (in ``$TCURLORA_KEEP_DIR``, which a background
+  job sets to its work folder, else the current folder, else the system's temporary folder, else the home folder)
+  and :class:`OutputError` names it.
 
 Torch-free: the Slicer panels and the store import it.
 """
@@ -37,13 +38,15 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 from .paths import shipped_models_dir, shipped_samples_dir
 from .progress import Cancelled
 
-__all__ = ["OutputError", "OutputFiles", "atomic_write", "remove_stale_temporaries", "temporary_path"]
+__all__ = ["KEEP_DIR_ENV", "OutputError", "OutputFiles", "atomic_write", "remove_stale_temporaries", "temporary_path"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 Writer = Callable[[str], None]
 """Writes one file at the path it is given (a temporary name with the destination's extension)."""
 
 KEPT_PREFIX = "tcurlora-kept-"
+KEEP_DIR_ENV = "TCURLORA_KEEP_DIR"
+"""Where results that could not be published are kept first (set by :class:`~TCURLoRALib.jobs.Job`)."""
 STALE_AFTER_S = 24 * 3600.0
 """A temporary file of another machine (a shared folder) counts as stale once unchanged this long."""
 SPACE_MARGIN_BYTES = 1 << 20
@@ -474,7 +477,9 @@ def _signals_held() -> Iterator[Callable[[], bool]]:
 
 def _keeping_places() -> list[Path]:
     places = []
-    for candidate in (Path.cwd, lambda: Path(tempfile.gettempdir()), Path.home):
+    keep_dir = os.environ.get(KEEP_DIR_ENV)
+    first = [lambda: Path(keep_dir)] if keep_dir else []
+    for candidate in (*first, Path.cwd, lambda: Path(tempfile.gettempdir()), Path.home):
         with contextlib.suppress(Exception):
             place = candidate()
             if place not in places:
