@@ -38,14 +38,36 @@ def test_help_lists_every_command() -> None:
         assert command in result.stdout
 
 
-def test_train_help_states_the_engines_defaults() -> None:
-    """--help writes the defaults out (no torch import for it): they must be train's."""
-    from TCURLoRALib.train import DEFAULT_INIT, DEFAULT_RANK
+@pytest.mark.parametrize("command, defaults", [("train", "plain"), ("pretrain", "pretraining")])
+def test_help_states_every_settings_default(command: str, defaults: str) -> None:
+    """The training options and their printed defaults come from TrainSettings (without importing torch)."""
+    from TCURLoRALib.cli import PRETRAINING_FIELDS, TRAINING_FIELDS
+    from TCURLoRALib.settings import TrainSettings, flag
 
-    result = run_cli("train", "--help")
+    settings = TrainSettings() if defaults == "plain" else TrainSettings.for_pretraining()
+    result = run_cli(command, "--help")
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
-    assert f"(default {DEFAULT_RANK})" in text and f"(default {DEFAULT_INIT})" in text
+    for name in TRAINING_FIELDS if command == "train" else PRETRAINING_FIELDS:
+        assert f"{flag(name)} " in text and f"(default: {settings.default_text(name)})" in text, name
+    assert "(default: 1000)" in text if command == "pretrain" else "(default: 200)" in text
+    assert ".py" not in text  # no pointers to source files
+
+
+def test_help_and_settings_need_no_torch() -> None:
+    """What the Slicer panels read (TrainSettings, the device choices) and --help import no torch."""
+    code = ("import sys, contextlib, io\n"
+            "from TCURLoRALib.settings import TrainSettings\n"
+            "from TCURLoRALib.devices import DEVICE_CHOICES, check_device\n"
+            "from TCURLoRALib.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "    main(['train', '--help'])\n"
+            "assert TrainSettings().steps and check_device('cuda:1') == 'cuda:1'\n"
+            "print('torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ENGINE_FOLDER)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 def test_info_prints_the_card(models: Path) -> None:

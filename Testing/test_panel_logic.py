@@ -81,7 +81,7 @@ def test_train_arguments_refuse_bad_settings(options, match) -> None:
 
 def test_train_module_defaults_are_the_engines() -> None:
     """The Train panel hard-codes its defaults (it may not import the engine at load): they must match it."""
-    from TCURLoRALib.train import DEFAULT_LR, DEFAULT_RANK, DEFAULT_STEPS
+    from TCURLoRALib.settings import TrainSettings
 
     tree = ast.parse((REPO_ROOT / "TCURLoRATrain" / "TCURLoRATrain.py").read_text(encoding="utf-8"))
     (node,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TCURLoRATrainParameterNode"]
@@ -91,7 +91,8 @@ def test_train_module_defaults_are_the_engines() -> None:
             for call in ast.walk(field.annotation):
                 if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "Default":
                     defaults[field.target.id] = ast.literal_eval(call.args[0])
-    assert defaults == {"rank": DEFAULT_RANK, "steps": DEFAULT_STEPS, "learningRate": DEFAULT_LR}
+    engine = TrainSettings()
+    assert defaults == {"rank": engine.NEW_RANK, "steps": engine.steps, "learningRate": engine.lr}
 
 
 # ------------------------------------------------------------------------------------------- adapters

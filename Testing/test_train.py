@@ -18,7 +18,9 @@ from TCURLoRALib.cases import (IGNORE_INDEX, IGNORE_VALUE, AnnotatedSlices, Labe
                                parse_annotated_slices, prepare_case, prepare_cases)
 from TCURLoRALib.progress import Cancelled
 from TCURLoRALib.tcur import TCURLoRAConfig, TCURLoRAModel
-from TCURLoRALib.train import masked_dice_ce, pretrain, split_cases, train_adapter
+from TCURLoRALib.loss import masked_dice_ce
+from TCURLoRALib.train import pretrain, train_adapter
+from TCURLoRALib.validation import split_cases
 
 TARGET_LABELS = [BASE_LABELS[0], TARGET]
 # At 1.6 mm a synthetic case covers about 30 x 32 x 29 voxels of the 2 mm model grid: one sliding window instead of
@@ -108,7 +110,7 @@ def test_continuing_an_adapter_starts_from_it_and_records_the_parent(data: dict,
                          unmapped="background", parent_adapter=parent_path)
     assert back.training["trainable"]["head"] == 0
     assert not any(key.startswith("out.") for key in adapter_tensors(tmp_path / "back.safetensors"))
-    with pytest.raises(ValueError, match=r"keeps its settings; got rank 8 \(parent: 4\)"):
+    with pytest.raises(ValueError, match=r"keeps its settings; got --rank 8 \(parent: 4\)"):
         train_adapter(data["base"], data["cases"][:1], None, tmp_path / "bad.safetensors", steps=0, rank=8,
                       unmapped="background", parent_adapter=parent_path)
 
@@ -136,7 +138,8 @@ def test_pretrain_writes_a_loadable_base_with_validation_dice(data: dict, tmp_pa
     assert base.card == card and base.card.name == "pre"
     assert set(card.metrics["validation"]["dice"]) == {"grey matter", "white matter"}
     assert card.provenance["training"]["steps"] == 2
-    assert events[0] == "start" and events.count("step") == 2 and events[-1] == "done"
+    # The split and the mapping are reported before the first step.
+    assert events[:3] == ["log", "log", "start"] and events.count("step") == 2 and events[-1] == "done"
 
 
 # ---------------------------------------------------------------- loss and sparse annotation
@@ -278,11 +281,16 @@ def test_cases_from_folders_and_json(tmp_path: Path) -> None:
 
 def test_automatic_validation_split_rule() -> None:
     cases = [TrainingCase(Path(f"c{i}.nii"), Path(f"l{i}.nii")) for i in range(5)]
-    assert split_cases(cases[:1], "auto", seed=7) == (cases[:1], [])
+    one = split_cases(cases[:1], "auto", seed=7)
+    assert (one.train, one.validation) == (cases[:1], []) and "one case: nothing to hold out" in one.reason
     for seed in range(3):  # N = 3: case seed % 3 is held out, so seeds 0, 1, 2 rotate through the cases
-        train, held = split_cases(cases[:3], "auto", seed)
-        assert held == [cases[seed]] and train == [c for c in cases[:3] if c != cases[seed]]
-    assert split_cases(cases[:2], "auto", seed=1)[1] == [cases[1]]
-    train, held = split_cases(cases, "auto", seed=0)  # N >= 4: ceil(N / 5) held out
-    assert len(held) == 1 and sorted(c.name for c in train + held) == sorted(c.name for c in cases)
-    assert split_cases(cases, "none", seed=0) == (cases, [])
+        split = split_cases(cases[:3], "auto", seed)
+        assert split.validation == [cases[seed]] and split.train == [c for c in cases[:3] if c != cases[seed]]
+        assert f"number --seed % 3 = {seed}" in split.reason
+    assert split_cases(cases[:2], "auto", seed=1).validation == [cases[1]]
+    split = split_cases(cases, "auto", seed=0)  # N >= 4: ceil(N / 5) held out
+    assert len(split.validation) == 1
+    assert sorted(c.name for c in split.train + split.validation) == sorted(c.name for c in cases)
+    assert "ceil(5 / 5) = 1 of 5 cases, drawn with --seed 0" in split.reason
+    split = split_cases(cases, "none", seed=0)
+    assert (split.train, split.validation) == (cases, [])

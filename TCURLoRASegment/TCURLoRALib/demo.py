@@ -91,7 +91,7 @@ def run_demo(
 
 
 def _device(device: str) -> str:
-    from .segment import resolve_device
+    from .devices import resolve_device
 
     return str(resolve_device(device))
 

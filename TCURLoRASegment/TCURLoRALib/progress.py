@@ -3,13 +3,15 @@
 A job reports through a :class:`Progress` callable, ``progress(event, **fields)``, with these events:
 
 - ``"start"``: ``task`` (what runs), ``total`` (number of steps or windows);
-- ``"step"``: ``step`` (1-based), ``total``, optionally ``loss``, ``eta_s`` (seconds left), ``message``;
+- ``"step"``: ``step`` (1-based), ``total``, optionally ``loss``, ``eta_s`` (seconds left) with ``eta_estimate``
+  (true while the time per step is not yet measured, see :class:`EtaClock`), ``message``;
 - ``"metric"``: ``name``, ``value``, optionally ``step`` (e.g. validation Dice);
+- ``"log"``: ``message``, a line (or a few) for the user: the label mapping and the validation split of a training;
 - ``"done"``: optionally ``output`` (a path) and ``seconds``;
 - ``"error"``: ``message``, ``kind`` (``"bad_input"``, ``"internal"`` or ``"cancelled"``).
 
-The CLI turns events into one JSON object a line (``--progress json``, read by the Slicer panels) or a bar in a
-terminal. Jobs never print by themselves.
+The CLI turns events into one JSON object a line (``--progress json``, read by the Slicer panels), a bar on a
+terminal, or plain lines in a log (:class:`PlainProgress`). Jobs never print by themselves.
 """
 from __future__ import annotations
 
@@ -19,9 +21,14 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
-__all__ = ["Cancelled", "EtaClock", "JsonLinesProgress", "Progress", "TerminalProgress", "silent"]
+__all__ = ["WARMUP_STEPS", "Cancelled", "EtaClock", "JsonLinesProgress", "PlainProgress", "Progress",
+           "TerminalProgress", "format_duration", "silent"]
 
 Progress = Callable[..., None]
+WARMUP_STEPS = 3
+"""Steps whose time is left out of the measured step time: the first ones are slower (allocation, warm-up)."""
+PLAIN_LINES = 20
+"""About how many step lines :class:`PlainProgress` writes for a job (plus the first and the last step)."""
 
 
 class Cancelled(Exception):
@@ -33,17 +40,75 @@ def silent(event: str, **fields: Any) -> None:
 
 
 class EtaClock:
-    """Estimates the time left from the mean duration of the steps done so far."""
+    """Time left, from the measured time per step once :data:`WARMUP_STEPS` steps are behind.
 
-    def __init__(self, total: int):
-        self.total = total
-        self.started = time.monotonic()
+    Call :meth:`tick` after each step (or batch of steps). Until ``warmup`` steps are done the estimate is the mean
+    time of the steps so far and is marked as an estimate (``eta_estimate``: true); after that it is the mean time of
+    the steps after the warm-up, which the slow first steps no longer inflate. Time between :meth:`restart` and the
+    previous tick (e.g. a validation) is not step time; the caller adds such work ahead as ``extra_s``.
 
-    def eta(self, done: int) -> float | None:
-        if done <= 0:
-            return None
-        elapsed = time.monotonic() - self.started
-        return round(elapsed / done * max(self.total - done, 0), 1)
+    Args:
+        total: number of steps of the job.
+        warmup: steps left out of the measured step time.
+        now: the clock (seconds; monotonic), replaceable in tests.
+    """
+
+    def __init__(self, total: int, warmup: int = WARMUP_STEPS, now: Callable[[], float] = time.monotonic):
+        self.total, self.warmup, self.now = int(total), int(warmup), now
+        self.durations: list[float] = []
+        self._last, self._done = now(), 0
+
+    def restart(self) -> None:
+        """Start timing the next step now (what happened since the last tick is not step time)."""
+        self._last = self.now()
+
+    def tick(self, done: int, extra_s: float = 0.0) -> dict[str, Any]:
+        """Record the steps done since the last tick; returns ``{"eta_s", "eta_estimate"}`` for a step event."""
+        now, count = self.now(), int(done) - self._done
+        if count > 0:
+            self.durations += [(now - self._last) / count] * count
+        self._last, self._done = now, int(done)
+        left = max(self.total - int(done), 0)
+        if not self.durations:
+            return {"eta_s": None, "eta_estimate": True}
+        estimate = len(self.durations) <= self.warmup
+        measured = self.durations if estimate else self.durations[self.warmup:]
+        seconds = sum(measured) / len(measured) * left + (float(extra_s) if left else 0.0)
+        return {"eta_s": round(seconds, 1), "eta_estimate": estimate}
+
+
+def format_duration(seconds: float | None) -> str:
+    """``75`` -> ``"1 min 15 s"``, ``3700`` -> ``"1 h 2 min"``, ``None`` -> ``""``."""
+    if seconds is None or not math.isfinite(seconds):
+        return ""
+    seconds = max(int(round(seconds)), 0)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def _eta_text(fields: dict[str, Any]) -> str:
+    if fields.get("eta_s") is None:
+        return ""
+    text = f"about {format_duration(fields['eta_s'])} left"
+    return text + " (estimate)" if fields.get("eta_estimate") else text
+
+
+def _step_text(fields: dict[str, Any]) -> str:
+    parts = [f"loss {fields['loss']:.4f}" if fields.get("loss") is not None else "", _eta_text(fields),
+             str(fields.get("message") or "")]
+    return ", ".join(part for part in parts if part)
+
+
+def _metric_text(fields: dict[str, Any]) -> str:
+    value = fields.get("value")
+    shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+    at = f" at step {fields['step']}" if fields.get("step") is not None else ""
+    return f"{fields['name']} = {shown}{at}"
 
 
 def _json_safe(value: Any) -> Any:
@@ -65,13 +130,21 @@ class JsonLinesProgress:
 
 
 class TerminalProgress:
-    """A one-line progress bar with loss and ETA on a terminal; metrics and errors on lines of their own."""
+    """A one-line progress bar with loss and ETA on a terminal; metrics and log lines on lines of their own.
+
+    Errors are left to the caller (the CLI prints each one once); an error only ends the bar's line.
+    """
 
     width = 30
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
         self.task = ""
+        self.open_line = False
+
+    def _line(self, text: str) -> None:
+        self.stream.write(("\n" if self.open_line else "") + text + "\n")
+        self.open_line = False
 
     def __call__(self, event: str, **fields: Any) -> None:
         if event == "start":
@@ -79,16 +152,50 @@ class TerminalProgress:
         elif event == "step":
             step, total = int(fields["step"]), max(int(fields.get("total") or 1), 1)
             filled = int(self.width * min(step / total, 1.0))
-            extras = [f"loss {fields['loss']:.4f}" if fields.get("loss") is not None else "",
-                      f"eta {fields['eta_s']:.0f}s" if fields.get("eta_s") is not None else ""]
-            text = " ".join(part for part in extras if part)
-            self.stream.write(f"\r{self.task} [{'#' * filled}{'.' * (self.width - filled)}] {step}/{total} {text}")
-            if step >= total:
+            self.stream.write(f"\r{self.task} [{'#' * filled}{'.' * (self.width - filled)}] {step}/{total} "
+                              f"{_step_text(fields)}\033[K")
+            self.open_line = step < total
+            if not self.open_line:
                 self.stream.write("\n")
         elif event == "metric":
-            self.stream.write(f"\n{fields['name']}: {fields['value']}\n")
+            self._line(_metric_text(fields))
+        elif event == "log":
+            self._line(str(fields.get("message", "")))
         elif event == "done":
-            self.stream.write(f"done{': ' + str(fields['output']) if fields.get('output') else ''}\n")
-        elif event == "error":
-            self.stream.write(f"\nerror ({fields.get('kind', 'internal')}): {fields['message']}\n")
+            self._line(f"done{': ' + str(fields['output']) if fields.get('output') else ''}")
+        elif event == "error" and self.open_line:
+            self._line("")
+        self.stream.flush()
+
+
+class PlainProgress:
+    """Plain lines for a log file or a cluster job (no terminal): the start, about :data:`PLAIN_LINES` step lines
+    (task, step, loss, ETA), every metric and log line, and the end. Errors are left to the caller."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+        self.task = ""
+        self.every = 1
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        if event == "start":
+            self.task = str(fields.get("task", ""))
+            total = int(fields.get("total") or 0)
+            self.every = max(1, math.ceil(total / PLAIN_LINES))
+            self._write(f"{self.task}: started, {total} steps")
+        elif event == "step":
+            step, total = int(fields["step"]), int(fields.get("total") or 0)
+            if step == 1 or step == total or step % self.every == 0:
+                details = _step_text(fields)
+                self._write(f"{self.task}: step {step}/{total}" + (f", {details}" if details else ""))
+        elif event == "metric":
+            self._write(f"{self.task}: {_metric_text(fields)}")
+        elif event == "log":
+            self._write(str(fields.get("message", "")))
+        elif event == "done":
+            took = f" in {format_duration(fields['seconds'])}" if fields.get("seconds") is not None else ""
+            self._write(f"{self.task}: done{took}" + (f": {fields['output']}" if fields.get("output") else ""))
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text + "\n")
         self.stream.flush()
