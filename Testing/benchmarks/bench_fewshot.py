@@ -13,7 +13,7 @@ label prior) and the UNETR decoder blocks decoder5..decoder2, plus:
 - ``none``: no step at all (the new head at the label prior): what the base gives for a task it was not trained on.
 
 Same for every method: the training cases of each (N, seed) (distinct individuals first; the N = 1 cases are among
-the N = 3 ones, those among the N = 5 ones), the crops and their augmentation (``train.CropSampler`` seeded with the
+the N = 3 ones, those among the N = 5 ones), the crops and their augmentation (``crops.CropSampler`` seeded with the
 seed), the loss, the number of steps, the batch size, the schedule (``loop.fit``) and the learning rates: the
 encoder side (U, LoRA A/B, the base's own encoder weights in full fine-tuning) at ``--lr-u``, decoder and head at
 ``--lr`` (the defaults of ``train``). No validation: the last state is the one evaluated.
