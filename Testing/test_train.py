@@ -61,6 +61,14 @@ def test_adapter_learns_a_label_the_base_never_saw(data: dict, tmp_path: Path) -
     before, after = validation["initial"]["dice"]["target"], validation["dice"]["target"]
     assert validation["step"] == 12 and after > 0.4 and after > before + 0.3, (before, after)
     assert card.training["cases"] == 2 and card.training["steps"] == 12 and card.training["seed"] == 0
+    # The card keeps how the case structures were mapped and which cases validated.
+    assert card.training["label_mapping"] == [
+        {"value": 1, "segment": "Segment_1", "label": "background", "rule": "--unmapped background"},
+        {"value": 2, "segment": "Segment_2", "label": "background", "rule": "--unmapped background"},
+        {"value": 5, "segment": "Segment_5", "label": "target", "rule": "same value"}]
+    assert card.training["validation_split"] == {"train": ["case0_image", "case1_image"],
+                                                 "validation": ["case2_image"],
+                                                 "rule": "validation cases given with --validation"}
     assert card.training["trainable"]["head"] > 0  # new label set: the head trained
     # U itself trained: it left U0 in every group, so its gradient was non-zero, and ΔW != 0.
     tensors = adapter_tensors(tmp_path / "target.safetensors")
@@ -189,7 +197,7 @@ def test_annotated_slices_and_the_ignore_value_leave_other_voxels_out(tmp_path: 
 
 def test_unmapped_label_values_are_listed(tmp_path: Path) -> None:
     case = TrainingCase(*write_case(tmp_path, 0))
-    with pytest.raises(ValueError, match=r"map to no adapter label: 1 'Segment_1', 2 'Segment_2'\. Adapter labels: "
+    with pytest.raises(ValueError, match=r"map to no adapter label: 1, 2\. Adapter labels: "
                                          r"0 'background', 5 'target'"):
         prepare_case(case, tiny_card(), LabelMapping(TARGET_LABELS))
     as_background = prepare_case(case, tiny_card(), LabelMapping(TARGET_LABELS, unmapped="background"))
@@ -211,6 +219,17 @@ def test_segment_names_map_to_adapter_labels(tmp_path: Path) -> None:
     # Named segments never match by value alone: "Cortex" (value 1) is not "grey matter" (value 1).
     with pytest.raises(ValueError, match=r"1 'Cortex', 2 'Deep white'"):
         prepare_case(case, tiny_card(), LabelMapping(BASE_LABELS + [TARGET], {"Left hippocampus": "target"}))
+    # Nor by a value key onto a label of another name: refused, with the case's mapping shown.
+    with pytest.raises(ValueError, match=r"--label-map sends named segments by their value to labels of another "
+                                         r"name: 5 'Left hippocampus' -> 'target'\. The mapping of this case:\n"
+                                         r"  1 'Cortex' +-> 0 background +\(--unmapped background\)\n(.|\n)*"
+                                         r"--label-map '\{\"Left hippocampus\": \"target\"\}'"):
+        prepare_case(case, tiny_card(), LabelMapping(TARGET_LABELS, {"5": "target"}, unmapped="background"))
+    assert mapping.describe().splitlines() == [
+        "label mapping (case label value [segment name] -> adapter label):",
+        "  1 'Cortex'           -> 0 background  (--unmapped background)",
+        "  2 'Deep white'       -> 0 background  (--unmapped background)",
+        "  5 'Left hippocampus' -> 5 target      (--label-map by name)"]
 
 
 def test_label_mapping_errors(tmp_path: Path) -> None:

@@ -158,6 +158,8 @@ class LabelMapping:
         labels: the adapter's labels, ``labels[0]`` the background.
         entries: ``{segment name or value: adapter label name or value}``; keys and values may be strings or ints.
         unmapped: what an unmapped structure becomes: ``"error"`` (default), ``"background"`` or ``"ignore"``.
+        by_value: whether rule 2 sends an unnamed structure to the label of its value (default); off for labels
+            whose values mean nothing in the cases (made from a mapping's names, see :mod:`labelset`).
 
     Raises:
         ValueError: an entry names no adapter label, or an unknown ``unmapped`` policy.
@@ -166,6 +168,7 @@ class LabelMapping:
     labels: Sequence[Label]
     entries: Mapping[Any, Any] = field(default_factory=dict)
     unmapped: str = "error"
+    by_value: bool = True
     used_keys: set = field(default_factory=set, init=False)
     decisions: dict = field(default_factory=dict, init=False)
     """``{(value, segment name): (channel index or IGNORE_INDEX, rule)}`` over every case seen."""
@@ -215,15 +218,16 @@ class LabelMapping:
                 f"{listed}. The mapping of this case:\n{self._lines(decided)}\nA segmentation's values are not its "
                 f"meaning: key such entries by the segment's name (e.g. --label-map '{example}') if that is meant")
         if unmapped and self.unmapped == "error":
-            listed = ", ".join(f"{s.value} {s.name!r}" for s in unmapped)
+            listed = ", ".join(f"{s.value} {s.name!r}" if _is_named(s) else str(s.value) for s in unmapped)
             key = unmapped[0].name if _is_named(unmapped[0]) else str(unmapped[0].value)
             example = json.dumps({key: self.labels[-1].name})
+            rule = ("segment names are matched to label names, unnamed values to label values" if self.by_value else
+                    "labels made from --label-map names get structures through --label-map only")
             raise ValueError(
                 f"case {case_name!r}: label values map to no adapter label: {listed}. Adapter labels: "
-                f"{_listing(self.labels)}. Segment names are matched to label names, unnamed values to label "
-                f"values. Map them with --label-map (e.g. --label-map '{example}'; a name that is no label yet "
-                f"becomes a new label when --labels is not given), or make them background (--unmapped background) "
-                f"or not annotated (--unmapped ignore)")
+                f"{_listing(self.labels)} ({rule}). Map them with --label-map (e.g. --label-map '{example}'; a name "
+                f"that is no label yet becomes a new label when --labels is not given), or make them all "
+                f"background (--unmapped background) or not annotated (--unmapped ignore)")
         self.decisions.update(decided)
         return result
 
@@ -241,6 +245,8 @@ class LabelMapping:
 
     def _implicit(self, segment: volumes.Segment) -> tuple[int | None, str]:
         named = _is_named(segment)
+        if not named and not self.by_value:
+            return None, ""
         for index, label in enumerate(self.labels):
             if (label.name.casefold() == segment.name.casefold()) if named else (label.value == segment.value):
                 return index, "same name" if named else "same value"
@@ -323,7 +329,7 @@ def parse_annotated_slices(text: str) -> AnnotatedSlices:
     try:
         values = [int(part) for part in indices.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"annotated slices must look like 'z:3,10,17', got {text!r}") from None
+        raise ValueError(f"--annotated-slices must look like 'z:3,10,17', got {text!r}") from None
     return AnnotatedSlices(axis.strip().lower(), tuple(values))
 
 

@@ -9,7 +9,9 @@
    does not have: the mapping's targets in the order given become the labels, as for names;
 4. otherwise the base's (or the parent's) labels.
 
-A name that is a label of the base (or parent) keeps that label's colour; a new label gets the colour that Slicer
+With labels made from a mapping, only the mapping (and segment names) assign case structures to them: their values
+are their order, which means nothing in the cases. A name that is a label of the base (or parent) keeps that
+label's colour; a new label gets the colour that Slicer
 gives a new segment at its position (:data:`GENERIC_ANATOMY_COLORS`, entries 1-12 of Slicer's GenericAnatomyColors
 table, repeating). A numeric target (``"7"``) that is no label's value cannot name a new label and is refused.
 All of this needs no torch.
@@ -39,10 +41,18 @@ BACKGROUND = Label(0, "background", (0, 0, 0))
 
 @dataclass(frozen=True)
 class LabelChoice:
-    """The adapter's labels and where they came from (a phrase for the user, e.g. "new, from --label-map")."""
+    """The adapter's labels and where they came from.
+
+    Args:
+        labels: background first.
+        source: a phrase for the user, e.g. "new, from the names in --label-map".
+        by_value: whether an unnamed case structure that the mapping misses may still go to the label of its value;
+            not for labels made from a mapping's names, whose values (their order) mean nothing in the cases.
+    """
 
     labels: list
     source: str
+    by_value: bool = True
 
 
 def new_label_color(position: int) -> tuple:
@@ -115,7 +125,8 @@ def adapter_labels(given: Sequence[Any] | None, mapping: Mapping[str, Any] | Non
                          f"({_listing(default)}): name a new label (e.g. \"left hippocampus\") instead of a value, "
                          f"or give the labels with --labels")
     names = [str(target).strip() for target in targets if _find(default, target) != 0]
-    return LabelChoice(_from_names(names, default, "--label-map"), "new, from the names in --label-map")
+    return LabelChoice(_from_names(names, default, "--label-map"), "new, from the names in --label-map",
+                       by_value=False)
 
 
 def describe_labels(choice: LabelChoice) -> str:

@@ -92,7 +92,7 @@ def format_duration(seconds: float | None) -> str:
 
 
 def _eta_text(fields: dict[str, Any]) -> str:
-    if fields.get("eta_s") is None:
+    if not fields.get("eta_s"):
         return ""
     text = f"about {format_duration(fields['eta_s'])} left"
     return text + " (estimate)" if fields.get("eta_estimate") else text
@@ -105,10 +105,14 @@ def _step_text(fields: dict[str, Any]) -> str:
 
 
 def _metric_text(fields: dict[str, Any]) -> str:
-    value = fields.get("value")
+    value, name = fields.get("value"), str(fields["name"])
     shown = f"{value:.4f}" if isinstance(value, float) else str(value)
     at = f" at step {fields['step']}" if fields.get("step") is not None else ""
-    return f"{fields['name']} = {shown}{at}"
+    if name == "validation_mean_dice":
+        name = "validation mean Dice"
+    elif name.startswith("validation_dice/"):
+        name = f"validation Dice of {name.split('/', 1)[1]}"
+    return f"{name} {shown}{at}"
 
 
 def _json_safe(value: Any) -> Any:

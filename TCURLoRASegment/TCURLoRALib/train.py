@@ -103,7 +103,7 @@ def train_adapter(
         rank=config.rank, groups=list(config.groups), init=config.init, labels=choice.labels,
         training={"cases": 0, "steps": 0, "seconds": 0.0, "device": str(torch_device), "seed": settings.seed},
         parent=parent_card.name if parent_card else None)
-    mapping = LabelMapping(choice.labels, entries, settings.unmapped)
+    mapping = LabelMapping(choice.labels, entries, settings.unmapped, by_value=choice.by_value)
     split = split_cases(find_cases(cases), settings.validation, settings.seed)
     progress("log", message=describe_labels(choice))
     progress("log", message=split.describe())
