@@ -235,7 +235,8 @@ def test_options_are_the_same_on_every_command(models: Path, tmp_path: Path) -> 
             assert "--device {auto,cpu,cuda,cuda:N}" in text and "(default: auto)" in text, command
     env = {"TCURLORA_MODELS": str(models), "TCURLORA_HOME": str(tmp_path / "home")}
     assert run_cli("adapters", "list", "--progress", "none", env=env).returncode == 0
-    assert run_cli("adapters", "--progress", "json", "list", "--json", env=env).returncode == 0
+    result = run_cli("adapters", "--progress", "json", "delete", "nothing-here", env=env)  # kept after the action
+    assert result.returncode == 2 and json_events(result.stdout)[-1]["kind"] == "bad_input"
     result = run_cli("train", "--name", "x", "--cases", "c.json", "--steps", "-1", env=env)
     assert result.returncode == 2 and "error: --steps must be an integer >= 0, got -1" in result.stderr
     result = run_cli("segment", "in.nii.gz", "-o", "out.nii.gz", "--base", str(models / "tiny-base.safetensors"),
