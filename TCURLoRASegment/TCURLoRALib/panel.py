@@ -11,7 +11,6 @@ read), so the panels can import this module before PyTorch is installed.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 import numpy as np
 
 from .cards import Label
+from .progress import format_duration
 
 __all__ = [
     "BASE_ONLY", "DEVICES", "AdapterChoice", "CaseFiles", "ProgressTracker", "ProgressUpdate", "TrainingCurves",
@@ -213,20 +213,6 @@ def train_arguments(
 
 
 # ---------------------------------------------------------------------------------------------------- progress
-
-
-def format_duration(seconds: float | None) -> str:
-    """``75`` -> ``"1 min 15 s"``, ``3700`` -> ``"1 h 2 min"``, ``None`` -> ``""``."""
-    if seconds is None or not math.isfinite(seconds):
-        return ""
-    seconds = max(int(round(seconds)), 0)
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
 
 
 @dataclass
