@@ -5,8 +5,8 @@ entries and tooltips, progress events into a percentage, a status line and log l
 of the loss and Dice chart, and exported training cases into the JSON case list that ``train --cases`` reads (with
 the annotated slices of each case when the user annotated only some).
 
-Only the standard library, numpy and :mod:`TCURLoRALib.cards` are imported at load (SimpleITK when a label map is
-read), so the panels can import this module before PyTorch is installed.
+Only the standard library, numpy, :mod:`TCURLoRALib.cards` and :mod:`TCURLoRALib.progress` are imported at load
+(SimpleITK when a label map is read), so the panels can import this module before PyTorch is installed.
 """
 from __future__ import annotations
 
