@@ -177,9 +177,9 @@ def test_labels_from_a_label_map_and_what_is_refused(models: Path, tmp_path: Pat
     assert "adapter labels (new, from the names in --label-map): 1 bright spot, 2 inner part" in result.stderr
     assert "  1 -> 1 bright spot  (--label-map by value)" in result.stderr
     assert result.stdout.splitlines()[1] == (
-        "no validation (one case: nothing to hold out for validation (--validation auto), so the state after the "
-        "last step is written; give more cases or --validation CASES): the state after the last step (0) was "
-        "written; measure it on cases it did not train on with the evaluate command")
+        "no validation: one case: nothing to hold out for validation (--validation auto), so the state after the "
+        "last step is written; give more cases or --validation CASES. Measure the result on cases it did not train "
+        "on with the evaluate command")
     assert [label["name"] for label in files.read_info(output)[1]["labels"]] == ["background", "bright spot",
                                                                                  "inner part"]
 

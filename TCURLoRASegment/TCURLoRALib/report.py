@@ -29,9 +29,8 @@ def validation_table(metrics: Mapping[str, Any] | None, training: Mapping[str, A
     validation = (metrics or {}).get("validation")
     split = training.get("validation_split") or {}
     if not validation:
-        why = f" ({split['rule']})" if split.get("rule") else ""
-        return (f"no validation{why}: the state after the last step ({training.get('steps', '?')}) was written; "
-                f"measure it on cases it did not train on with the evaluate command")
+        why = split.get("rule") or f"the state after the last step ({training.get('steps', '?')}) was written"
+        return f"no validation: {why}. Measure the result on cases it did not train on with the evaluate command"
     names = split.get("validation") or []
     count = validation.get("cases", len(names))
     which = f" ({', '.join(names)})" if names else ""
