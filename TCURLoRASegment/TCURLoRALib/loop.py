@@ -122,8 +122,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequence
             progress("metric", name=f"validation_dice/{label_name}", value=value, step=step)
         if step == 0:
             result.initial = scores
-        if scores["mean"] > best_score:
-            best_score, result.best_step, result.best = scores["mean"], step, scores
+        score = scores["mean"] if scores["mean"] is not None else -1.0
+        if score > best_score:
+            best_score, result.best_step, result.best = score, step, scores
             best_state = {n: p.detach().clone() for n, p in trainable}
 
     progress("start", task=task, total=steps)

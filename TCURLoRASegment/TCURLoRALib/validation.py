@@ -111,7 +111,8 @@ def dice_per_label(prediction: np.ndarray, target: np.ndarray, n_channels: int) 
 
 def validate(model: nn.Module, cases: Sequence[PreparedCase], labels: Sequence[Label],
              patch_size: Sequence[int]) -> dict[str, Any]:
-    """Dice per foreground label (by name; the mean over the cases) and their mean ``"mean"``."""
+    """Dice per foreground label (by name; the mean over the cases) and their mean ``"mean"`` (None without a
+    foreground label)."""
     was_training = model.training
     model.eval()
     per_case = [dice_per_label(predict_labels(model, case.image, patch_size), case.target, len(labels))
@@ -119,4 +120,4 @@ def validate(model: nn.Module, cases: Sequence[PreparedCase], labels: Sequence[L
     model.train(was_training)
     scores = {label.name: round(float(np.mean([case[index] for case in per_case])), 4)
               for index, label in enumerate(labels[1:])}
-    return {"dice": scores, "mean": round(float(np.mean(list(scores.values()))), 4)}
+    return {"dice": scores, "mean": round(float(np.mean(list(scores.values()))), 4) if scores else None}
