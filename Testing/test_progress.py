@@ -30,6 +30,15 @@ def test_eta_is_an_estimate_until_the_warmup_steps_are_measured_then_leaves_them
     assert reports[5] == {"eta_s": round((1 + 1 + 1.5) / 3 * 4, 1), "eta_estimate": False}
 
 
+def test_eta_follows_the_latest_steps_when_the_load_changes() -> None:
+    clock = FakeClock()
+    eta = EtaClock(total=100, warmup=0, recent=4, now=clock)
+    for step in range(1, 11):
+        clock.now += 9.0 if step <= 6 else 5.0  # the machine got quieter after step 6
+        report = eta.tick(step)
+    assert report == {"eta_s": 90 * 5.0, "eta_estimate": False}
+
+
 def test_time_outside_steps_is_not_step_time_and_pending_work_is_added() -> None:
     clock = FakeClock()
     eta = EtaClock(total=6, warmup=0, now=clock)

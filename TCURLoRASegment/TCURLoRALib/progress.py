@@ -27,6 +27,8 @@ __all__ = ["WARMUP_STEPS", "Cancelled", "EtaClock", "JsonLinesProgress", "PlainP
 Progress = Callable[..., None]
 WARMUP_STEPS = 3
 """Steps whose time is left out of the measured step time: the first ones are slower (allocation, warm-up)."""
+RECENT_STEPS = 20
+"""The measured step time is the mean of the latest this many steps, so that it follows a change of load."""
 PLAIN_LINES = 20
 """About how many step lines :class:`PlainProgress` writes for a job (plus the first and the last step)."""
 
@@ -44,17 +46,20 @@ class EtaClock:
 
     Call :meth:`tick` after each step (or batch of steps). Until ``warmup`` steps are done the estimate is the mean
     time of the steps so far and is marked as an estimate (``eta_estimate``: true); after that it is the mean time of
-    the steps after the warm-up, which the slow first steps no longer inflate. Time between :meth:`restart` and the
-    previous tick (e.g. a validation) is not step time; the caller adds such work ahead as ``extra_s``.
+    the latest ``recent`` steps after the warm-up, which the slow first steps no longer inflate and which follows a
+    machine that gets busier or quieter. Time between :meth:`restart` and the previous tick (e.g. a validation) is not
+    step time; the caller adds such work ahead as ``extra_s``.
 
     Args:
         total: number of steps of the job.
         warmup: steps left out of the measured step time.
+        recent: steps the measured step time is the mean of.
         now: the clock (seconds; monotonic), replaceable in tests.
     """
 
-    def __init__(self, total: int, warmup: int = WARMUP_STEPS, now: Callable[[], float] = time.monotonic):
-        self.total, self.warmup, self.now = int(total), int(warmup), now
+    def __init__(self, total: int, warmup: int = WARMUP_STEPS, recent: int = RECENT_STEPS,
+                 now: Callable[[], float] = time.monotonic):
+        self.total, self.warmup, self.recent, self.now = int(total), int(warmup), int(recent), now
         self.durations: list[float] = []
         self._last, self._done = now(), 0
 
@@ -72,7 +77,7 @@ class EtaClock:
         if not self.durations:
             return {"eta_s": None, "eta_estimate": True}
         estimate = len(self.durations) <= self.warmup
-        measured = self.durations if estimate else self.durations[self.warmup:]
+        measured = self.durations if estimate else self.durations[self.warmup:][-self.recent:]
         seconds = sum(measured) / len(measured) * left + (float(extra_s) if left else 0.0)
         return {"eta_s": round(seconds, 1), "eta_estimate": estimate}
 
