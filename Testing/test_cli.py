@@ -148,7 +148,8 @@ def test_train_a_new_two_label_adapter_from_label_maps_by_name(models: Path, tmp
     assert len(steps) == 4 and re.fullmatch(r"train adapter: step 1/4, loss \d\.\d{4}, about \d+ s left \(estimate\)",
                                             steps[0]), steps
     assert re.fullmatch(r"train adapter: step 4/4, loss \d\.\d{4}", steps[-1])
-    assert any(re.fullmatch(r"train adapter: validation mean Dice \d\.\d{4} at step 2", line) for line in log)
+    assert any(re.fullmatch(r"train adapter: validation at step 2: mean Dice \d\.\d{4}; bright spot \d\.\d{4}, inner "
+                            r"part \d\.\d{4}", line) for line in log)
     printed = result.stdout.splitlines()
     assert printed[0] == f"adapter 'two' written to {output}"
     assert re.fullmatch(r"validation on 1 case \(case0_image\): the (starting state|state of step [24]), the best "

@@ -63,6 +63,7 @@ def test_plain_progress_writes_about_twenty_step_lines_and_every_message() -> No
         if step == 50:
             progress("metric", name="validation_mean_dice", value=0.71234, step=50)
             progress("metric", name="validation_dice/left", value=0.7, step=50)
+    progress("metric", name="loss_scale", value=2, step=None)
     progress("error", kind="internal", message="left to the CLI")
     progress("done", output="a.safetensors", seconds=75.0)
     lines = stream.getvalue().splitlines()
@@ -73,20 +74,25 @@ def test_plain_progress_writes_about_twenty_step_lines_and_every_message() -> No
     assert steps[-1] == "train adapter: step 100/100, loss 0.5000"
     assert lines[0] == "cases: 2 train (a, b), 1 validates (c): why"
     assert lines[1] == "train adapter: started, 100 steps"
-    assert "train adapter: validation mean Dice 0.7123 at step 50" in lines
-    assert "train adapter: validation Dice of left 0.7000 at step 50" in lines
-    assert lines[-1] == "train adapter: done in 1 min 15 s: a.safetensors"
+    assert "train adapter: validation at step 50: mean Dice 0.7123; left 0.7000" in lines
+    assert lines.index("train adapter: validation at step 50: mean Dice 0.7123; left 0.7000") == \
+        lines.index("train adapter: step 50/100, loss 0.5000, about 50 s left") + 1
+    assert lines[-2:] == ["train adapter: loss_scale 2", "train adapter: done in 1 min 15 s: a.safetensors"]
     assert not any("left to the CLI" in line for line in lines)
 
 
 def test_terminal_bar_keeps_messages_on_lines_of_their_own() -> None:
     stream = io.StringIO()
     progress = TerminalProgress(stream)
-    progress("start", task="segment", total=4)
+    progress("start", task="train", total=4)
     progress("step", step=1, total=4, eta_s=3.0, eta_estimate=True)
     progress("log", message="a message")
+    progress("step", step=2, total=4, eta_s=2.0, eta_estimate=False)
+    progress("metric", name="validation_mean_dice", value=0.5, step=2)
+    progress("metric", name="validation_dice/left", value=0.5, step=2)
     progress("step", step=4, total=4, eta_s=0.0, eta_estimate=False)
     text = stream.getvalue()
     assert "about 3 s left (estimate)" in text
     assert "\na message\n" in text  # the open bar line is ended first
+    assert "about 2 s left\x1b[K\nvalidation at step 2: mean Dice 0.5000; left 0.5000\n\r" in text
     assert text.endswith("4/4 \x1b[K\n")

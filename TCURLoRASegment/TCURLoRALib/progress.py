@@ -109,15 +109,41 @@ def _step_text(fields: dict[str, Any]) -> str:
     return ", ".join(part for part in parts if part)
 
 
-def _metric_text(fields: dict[str, Any]) -> str:
-    value, name = fields.get("value"), str(fields["name"])
-    shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-    at = f" at step {fields['step']}" if fields.get("step") is not None else ""
-    if name == "validation_mean_dice":
-        name = "validation mean Dice"
-    elif name.startswith("validation_dice/"):
-        name = f"validation Dice of {name.split('/', 1)[1]}"
-    return f"{name} {shown}{at}"
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _metric_lines(metrics: list[dict[str, Any]]) -> list[str]:
+    """The metric events of one step as lines: a validation on one line (``validation at step 50: mean Dice 0.3636;
+    left 0.7273, right 0.0000``), any other metric on a line of its own (``name value at step N``)."""
+    if not metrics:
+        return []
+    step = metrics[0].get("step")
+    at = f" at step {step}" if step is not None else ""
+    mean = [m for m in metrics if m["name"] == "validation_mean_dice"]
+    per_label = [m for m in metrics if str(m["name"]).startswith("validation_dice/")]
+    if len(mean) == 1 and len(mean) + len(per_label) == len(metrics):
+        labels = ", ".join(f"{str(m['name']).split('/', 1)[1]} {_number(m['value'])}" for m in per_label)
+        return [f"validation{at}: mean Dice {_number(mean[0]['value'])}" + (f"; {labels}" if labels else "")]
+    return [f"{m['name']} {_number(m.get('value'))}" + (f" at step {m['step']}" if m.get("step") is not None else "")
+            for m in metrics]
+
+
+class _MetricsOfAStep:
+    """Holds back the metric events of one step, so that a human reporter writes them together."""
+
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, Any]] = []
+
+    def add(self, fields: dict[str, Any]) -> list[str]:
+        """Holds ``fields``; returns the lines of the held metrics of an earlier step, if any."""
+        lines = self.take() if self.metrics and self.metrics[-1].get("step") != fields.get("step") else []
+        self.metrics.append(fields)
+        return lines
+
+    def take(self) -> list[str]:
+        metrics, self.metrics = self.metrics, []
+        return _metric_lines(metrics)
 
 
 def _json_safe(value: Any) -> Any:
@@ -139,7 +165,7 @@ class JsonLinesProgress:
 
 
 class TerminalProgress:
-    """A one-line progress bar with loss and ETA on a terminal; metrics and log lines on lines of their own.
+    """A one-line progress bar with loss and ETA on a terminal; each validation and log line on a line of its own.
 
     Errors are left to the caller (the CLI prints each one once); an error only ends the bar's line.
     """
@@ -150,12 +176,15 @@ class TerminalProgress:
         self.stream = stream or sys.stderr
         self.task = ""
         self.open_line = False
+        self.held = _MetricsOfAStep()
 
     def _line(self, text: str) -> None:
         self.stream.write(("\n" if self.open_line else "") + text + "\n")
         self.open_line = False
 
     def __call__(self, event: str, **fields: Any) -> None:
+        for line in self.held.add(fields) if event == "metric" else self.held.take():
+            self._line(line)
         if event == "start":
             self.task = str(fields.get("task", ""))
         elif event == "step":
@@ -166,8 +195,6 @@ class TerminalProgress:
             self.open_line = step < total
             if not self.open_line:
                 self.stream.write("\n")
-        elif event == "metric":
-            self._line(_metric_text(fields))
         elif event == "log":
             self._line(str(fields.get("message", "")))
         elif event == "done":
@@ -179,14 +206,18 @@ class TerminalProgress:
 
 class PlainProgress:
     """Plain lines for a log file or a cluster job (no terminal): the start, about :data:`PLAIN_LINES` step lines
-    (task, step, loss, ETA), every metric and log line, and the end. Errors are left to the caller."""
+    (task, step, loss, ETA), every log line, each validation on one line, and the end. Errors are left to the
+    caller."""
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
         self.task = ""
         self.every = 1
+        self.held = _MetricsOfAStep()
 
     def __call__(self, event: str, **fields: Any) -> None:
+        for line in self.held.add(fields) if event == "metric" else self.held.take():
+            self._write(f"{self.task}: {line}")
         if event == "start":
             self.task = str(fields.get("task", ""))
             total = int(fields.get("total") or 0)
@@ -197,8 +228,6 @@ class PlainProgress:
             if step == 1 or step == total or step % self.every == 0:
                 details = _step_text(fields)
                 self._write(f"{self.task}: step {step}/{total}" + (f", {details}" if details else ""))
-        elif event == "metric":
-            self._write(f"{self.task}: {_metric_text(fields)}")
         elif event == "log":
             self._write(str(fields.get("message", "")))
         elif event == "done":
