@@ -280,3 +280,23 @@ def test_threads_apply_to_a_command_that_computes(tmp_path: Path) -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(previous)
+
+
+def test_labels_option_spellings(tmp_path: Path) -> None:
+    from TCURLoRALib.cli import _labels_argument
+    from TCURLoRALib.labelset import adapter_labels
+
+    full = [{"value": 0, "name": "background", "color": [0, 0, 0]}, {"value": 5, "name": "t", "color": [1, 2, 3]}]
+    (tmp_path / "labels.json").write_text(json.dumps(full))
+    assert _labels_argument(json.dumps(full)) == full
+    assert _labels_argument(str(tmp_path / "labels.json")) == full
+    assert _labels_argument(" left hippocampus , right hippocampus") == ["left hippocampus", "right hippocampus"]
+    assert [label.to_json() for label in adapter_labels(full, None, []).labels] == full
+    with pytest.raises(ValueError, match=r"--labels: an empty label name in 'a,,b'"):
+        _labels_argument("a,,b")
+    with pytest.raises(FileNotFoundError, match=r"--labels file .*missing\.json' does not exist"):
+        _labels_argument(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match=r"--labels is neither a JSON file nor valid JSON"):
+        _labels_argument("[{")
+    with pytest.raises(ValueError, match=r"--labels must be a JSON list of \{value, name, color\} objects"):
+        _labels_argument('{"value": 0}')

@@ -1,14 +1,11 @@
 """A new adapter's labels from names, from a label mapping's new names, or as given; the CLI's --labels spellings."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from synthetic import BASE_LABELS
 from TCURLoRALib.cards import Label
-from TCURLoRALib.labelset import GENERIC_ANATOMY_COLORS, adapter_labels, new_label_color, parse_labels
+from TCURLoRALib.labelset import GENERIC_ANATOMY_COLORS, adapter_labels, new_label_color
 
 TISSUE, BONE, SKIN = (128, 174, 128), (241, 214, 145), (177, 122, 101)  # Slicer's first new-segment colours
 
@@ -43,19 +40,3 @@ def test_new_names_in_a_label_mapping_become_labels_and_only_the_mapping_assigns
 def test_label_choices_that_cannot_work_are_refused(given, mapping, message) -> None:
     with pytest.raises(ValueError, match=message):
         adapter_labels(given, mapping, BASE_LABELS)
-
-
-def test_labels_option_spellings(tmp_path: Path) -> None:
-    full = [{"value": 0, "name": "background", "color": [0, 0, 0]}, {"value": 5, "name": "t", "color": [1, 2, 3]}]
-    (tmp_path / "labels.json").write_text(json.dumps(full))
-    assert parse_labels(json.dumps(full)) == full
-    assert parse_labels(str(tmp_path / "labels.json")) == full
-    assert parse_labels(" left hippocampus , right hippocampus") == ["left hippocampus", "right hippocampus"]
-    assert adapter_labels(parse_labels(json.dumps(full)), None, BASE_LABELS).labels == \
-        [Label(0, "background", (0, 0, 0)), Label(5, "t", (1, 2, 3))]
-    with pytest.raises(ValueError, match=r"--labels: an empty label name in 'a,,b'"):
-        parse_labels("a,,b")
-    with pytest.raises(FileNotFoundError, match=r"--labels file .*missing\.json' does not exist"):
-        parse_labels(str(tmp_path / "missing.json"))
-    with pytest.raises(ValueError, match=r"--labels is not valid JSON"):
-        parse_labels("[{")

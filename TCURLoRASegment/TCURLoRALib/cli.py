@@ -180,6 +180,21 @@ def _json_argument(text: str | None, what: str) -> Any:
         raise ValueError(f"{what} is neither a JSON file nor valid JSON: {error}") from error
 
 
+def _labels_argument(text: str | None) -> list | None:
+    """``--labels``: a JSON list of ``{value, name, color}`` (inline or a file), or names separated by commas."""
+    if text is None:
+        return None
+    if text.strip()[:1] in ("[", "{") or text.endswith(".json") or Path(text).is_file():
+        data = _json_argument(text, "--labels")
+        if not isinstance(data, list):
+            raise ValueError(f"--labels must be a JSON list of {{value, name, color}} objects, got {data!r:.200}")
+        return data
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ValueError(f"--labels: an empty label name in {text!r} (names are separated by commas)")
+    return names
+
+
 def _cases(args: argparse.Namespace) -> Any:
     from .cases import TrainingCase, parse_annotated_slices
 
@@ -218,14 +233,13 @@ def _for_people(args: argparse.Namespace) -> bool:
 
 
 def _train(args: argparse.Namespace, progress: Progress) -> None:
-    from .labelset import parse_labels
     from .report import validation_table
     from .train import train_adapter
 
     settings = TrainSettings.of(**_settings(args, TRAINING_FIELDS))  # checked before the base is read
     output, name = _adapter_output(args)
     card = train_adapter(
-        resolve_base(args.base), _cases(args), parse_labels(args.labels), output, name=name,
+        resolve_base(args.base), _cases(args), _labels_argument(args.labels), output, name=name,
         label_map=_json_argument(args.label_map, "--label-map"), parent_adapter=resolve_adapter(args.parent),
         settings=settings, progress=progress,
     )

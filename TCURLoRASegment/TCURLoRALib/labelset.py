@@ -18,15 +18,12 @@ All of this needs no torch.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .cards import Label
 
-__all__ = ["GENERIC_ANATOMY_COLORS", "LabelChoice", "adapter_labels", "describe_labels", "new_label_color",
-           "parse_labels"]
+__all__ = ["GENERIC_ANATOMY_COLORS", "LabelChoice", "adapter_labels", "describe_labels", "new_label_color"]
 
 GENERIC_ANATOMY_COLORS = (
     ("tissue", (128, 174, 128)), ("bone", (241, 214, 145)), ("skin", (177, 122, 101)),
@@ -58,37 +55,6 @@ class LabelChoice:
 def new_label_color(position: int) -> tuple:
     """The colour of the label at ``position`` (1 = the first after background), as Slicer colours segments."""
     return GENERIC_ANATOMY_COLORS[(int(position) - 1) % len(GENERIC_ANATOMY_COLORS)][1]
-
-
-def parse_labels(text: str | None) -> list | None:
-    """``--labels``: a JSON list of ``{value, name, color}`` (inline, or a ``.json`` file), or label names separated
-    by commas (``"left hippocampus,right hippocampus"``).
-
-    Returns:
-        a list of dicts (a full list) or of names; None for None.
-
-    Raises:
-        ValueError: invalid JSON, or an empty name; FileNotFoundError: a ``.json`` path that does not exist.
-    """
-    if text is None:
-        return None
-    path = Path(text)
-    if text.strip().startswith("[") or path.suffix.lower() == ".json" or path.is_file():
-        if not text.strip().startswith("["):
-            if not path.is_file():
-                raise FileNotFoundError(f"--labels file {text!r} does not exist")
-            text = path.read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--labels is not valid JSON: {error}") from None
-        if not isinstance(data, list):
-            raise ValueError(f"--labels must be a JSON list of {{value, name, color}} objects, got {data!r:.200}")
-        return data
-    names = [name.strip() for name in text.split(",")]
-    if not all(names):
-        raise ValueError(f"--labels: an empty label name in {text!r} (names are separated by commas)")
-    return names
 
 
 def adapter_labels(given: Sequence[Any] | None, mapping: Mapping[str, Any] | None,
