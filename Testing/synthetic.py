@@ -27,10 +27,15 @@ def tiny_card_fields(name: str = "tiny") -> dict:
             "metrics": {}}
 
 
+def tiny_unetr(seed: int = 0, out_channels: int = 3) -> UNETR:
+    """The tiny UNETR of the test base (:data:`TINY_UNETR`), randomly initialised from ``seed``, in eval mode."""
+    torch.manual_seed(seed)
+    return UNETR(**{**TINY_UNETR, "out_channels": out_channels, "img_size": tuple(TINY_UNETR["img_size"])}).eval()
+
+
 def make_tiny_base(path: Path, seed: int = 0, name: str = "tiny") -> Path:
     """Write a randomly initialised tiny UNETR base file (3 labels) to ``path``."""
-    torch.manual_seed(seed)
-    save_base(path, UNETR(**{**TINY_UNETR, "img_size": (32, 32, 32)}), tiny_card_fields(name))
+    save_base(path, tiny_unetr(seed), tiny_card_fields(name))
     return path
 
 

@@ -8,14 +8,10 @@ import torch
 from monai.networks.nets import UNETR
 from torch import nn
 
+from synthetic import TINY_UNETR, tiny_unetr
 from TCURLoRALib.tcur import GROUP_NAMES, TCURGroup, TCURLinear, TCURLoRAConfig, TCURLoRAModel, stack_group
 
-IMG = 32
-
-
-def tiny_unetr(seed: int = 0, out_channels: int = 3) -> UNETR:
-    torch.manual_seed(seed)
-    return UNETR(1, out_channels, (IMG, IMG, IMG), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4).eval()
+IMG = TINY_UNETR["img_size"][0]
 
 
 def sample(seed: int = 1) -> torch.Tensor:

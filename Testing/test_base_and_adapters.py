@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.networks.nets import UNETR
 
 from synthetic import BASE_LABELS as LABELS
-from synthetic import TINY_UNETR, make_tiny_base, tiny_card_fields
+from synthetic import make_tiny_base, tiny_card_fields, tiny_unetr
 from TCURLoRALib import files, tensorfiles
 from TCURLoRALib.adapter import AdaptedUNETR, attach_head, read_adapter, save_adapter
 from TCURLoRALib.basemodel import import_checkpoint, load_base, save_base
@@ -22,9 +21,10 @@ def x_sample() -> torch.Tensor:
     return torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(5))
 
 
-def quick_adapter(base_path: Path, out: Path, labels: list[Label], seed: int = 0,
-                  groups=("attention", "mlp_up")) -> AdapterCard:
-    """An adapter of two optimiser steps on a sample (not train_adapter: no cases), with the output it gives."""
+def make_adapter_file(base_path: Path, out: Path, labels: list[Label], seed: int = 0,
+                      groups=("attention", "mlp_up")) -> AdapterCard:
+    """Two optimiser steps on a random input (not ``train.train_adapter``): an adapter file whose expected output on
+    :func:`x_sample` is saved beside it, for tests of the file format and of switching adapters."""
     base = load_base(base_path)
     head = labels != base.card.labels
     if head:
@@ -50,9 +50,7 @@ def quick_adapter(base_path: Path, out: Path, labels: list[Label], seed: int = 0
 
 @pytest.fixture()
 def base_path(tmp_path: Path) -> Path:
-    path = tmp_path / "base.safetensors"
-    make_tiny_base(path)
-    return path
+    return make_tiny_base(tmp_path / "base.safetensors")
 
 
 def test_base_round_trip_is_frozen_and_fingerprinted(base_path: Path) -> None:
@@ -72,8 +70,7 @@ def test_edited_base_weights_are_refused(base_path: Path, tmp_path: Path) -> Non
 
 
 def test_import_monai_checkpoint_with_wrapper_and_module_prefix(tmp_path: Path) -> None:
-    torch.manual_seed(3)
-    unetr = UNETR(**{**TINY_UNETR, "img_size": (32, 32, 32)}).eval()
+    unetr = tiny_unetr(seed=3)
     checkpoint = {"state_dict": {f"module.{k}": v for k, v in unetr.state_dict().items()}, "epoch": 7}
     torch.save(checkpoint, tmp_path / "model.pt")
     card = import_checkpoint(tmp_path / "model.pt", tiny_card_fields("imported"), tmp_path / "imported.safetensors")
@@ -88,9 +85,9 @@ def test_import_monai_checkpoint_with_wrapper_and_module_prefix(tmp_path: Path) 
 
 
 def test_adapter_switching_reproduces_training_outputs_without_reloading(base_path: Path, tmp_path: Path) -> None:
-    same_labels = quick_adapter(base_path, tmp_path / "a.safetensors", LABELS, seed=1)
+    same_labels = make_adapter_file(base_path, tmp_path / "a.safetensors", LABELS, seed=1)
     new_labels = [LABELS[0], Label(7, "hippocampus", (220, 180, 30))]
-    quick_adapter(base_path, tmp_path / "b.safetensors", new_labels, seed=2, groups=("mlp_down",))
+    make_adapter_file(base_path, tmp_path / "b.safetensors", new_labels, seed=2, groups=("mlp_down",))
     session = AdaptedUNETR(load_base(base_path))
     x = x_sample()
     with torch.no_grad():
@@ -110,8 +107,8 @@ def test_adapter_switching_reproduces_training_outputs_without_reloading(base_pa
 def test_adapter_for_another_base_is_refused_and_state_kept(base_path: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.safetensors"
     make_tiny_base(other, seed=9, name="other base")
-    quick_adapter(other, tmp_path / "foreign.safetensors", LABELS)
-    quick_adapter(base_path, tmp_path / "mine.safetensors", LABELS)
+    make_adapter_file(other, tmp_path / "foreign.safetensors", LABELS)
+    make_adapter_file(base_path, tmp_path / "mine.safetensors", LABELS)
     session = AdaptedUNETR(load_base(base_path))
     session.set_adapter(tmp_path / "mine.safetensors")
     with pytest.raises(AdapterMismatchError, match=r"trained on base model 'other base' \(fingerprint [0-9a-f]{64}\), but the loaded base model is 'tiny'"):
@@ -121,7 +118,7 @@ def test_adapter_for_another_base_is_refused_and_state_kept(base_path: Path, tmp
 
 def test_truncated_or_tampered_adapter_is_refused(base_path: Path, tmp_path: Path) -> None:
     path = tmp_path / "a.safetensors"
-    quick_adapter(base_path, path, LABELS)
+    make_adapter_file(base_path, path, LABELS)
     base = load_base(base_path)
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
@@ -139,8 +136,7 @@ def test_truncated_or_tampered_adapter_is_refused(base_path: Path, tmp_path: Pat
 
 
 def test_half_precision_storage_loads_as_float32(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    unetr = UNETR(**{**TINY_UNETR, "img_size": (32, 32, 32)}).eval()
+    unetr = tiny_unetr(seed=0)
     save_base(tmp_path / "full.safetensors", unetr, tiny_card_fields())
     save_base(tmp_path / "half.safetensors", unetr, tiny_card_fields(), dtype=torch.float16)
     full, half = (tmp_path / "full.safetensors").stat().st_size, (tmp_path / "half.safetensors").stat().st_size

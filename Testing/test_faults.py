@@ -48,7 +48,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = make_tiny_base(folder / "base.safetensors")
     image, label = write_case(folder, seed=0, spacing=(1.6, 1.6, 1.6))  # one 32^3 window at the model's 2 mm
     adapter = folder / "adapter.safetensors"
-    result = call_cli("train", "--out", str(adapter), "--base", str(base), "--case", str(image), str(label),
+    result = call_cli("train", "-o", str(adapter), "--base", str(base), "--case", str(image), str(label),
                       *TRAIN_QUICKLY, "--progress", "none")
     assert result.returncode == 0, result.stderr
     return {"base": base, "image": image, "label": label, "adapter": adapter, "case": (str(image), str(label))}
@@ -120,13 +120,13 @@ def test_a_network_output_that_is_not_finite_fails_instead_of_writing_background
 def test_train_out_follows_the_overwrite_rule_and_never_writes_over_its_base(world: dict, tmp_path: Path) -> None:
     existing = tmp_path / "existing.safetensors"
     existing.write_bytes(b"someone's file")
-    result = call_cli(*train_args(world, "--out", str(existing)))
+    result = call_cli(*train_args(world, "-o", str(existing)))
     assert result.returncode == 2 and not trained(result)
     assert "existing.safetensors' already exists: give --overwrite to replace it" in result.stderr
     assert existing.read_bytes() == b"someone's file"
 
     base_bytes = world["base"].read_bytes()
-    result = call_cli(*train_args(world, "--out", str(world["base"]), "--overwrite"))
+    result = call_cli(*train_args(world, "-o", str(world["base"]), "--overwrite"))
     assert result.returncode == 2 and not trained(result)
     assert "base.safetensors' that this command reads: it is never written over" in result.stderr
     assert world["base"].read_bytes() == base_bytes
@@ -138,7 +138,7 @@ def test_no_command_writes_into_the_shipped_folder(world: dict, tmp_path: Path) 
     shutil.copyfile(world["base"], models / "base.safetensors")
     env = {"TCURLORA_MODELS": str(models), "TCURLORA_HOME": str(tmp_path / "home")}
     for output in ("base.safetensors", "new.safetensors"):
-        result = call_cli("train", "--out", str(models / output), "--case", *world["case"], *TRAIN_QUICKLY,
+        result = call_cli("train", "-o", str(models / output), "--case", *world["case"], *TRAIN_QUICKLY,
                          "--overwrite", "--progress", "json", env=env)
         assert result.returncode == 2 and not trained(result)
         assert "is in the folder of shipped files" in result.stderr
@@ -211,11 +211,11 @@ def test_a_read_only_store_is_refused_before_training(world: dict, tmp_path: Pat
 
 
 def test_a_missing_or_full_output_folder_is_refused_before_the_work(world: dict, tmp_path: Path) -> None:
-    result = call_cli(*train_args(world, "--out", str(tmp_path / "no" / "such" / "a.safetensors")))
+    result = call_cli(*train_args(world, "-o", str(tmp_path / "no" / "such" / "a.safetensors")))
     assert result.returncode == 2 and not trained(result)
     assert "folder '" in result.stderr and "no/such' does not exist" in result.stderr
     with small_filesystem(tmp_path / "tiny-disk", 256) as disk:
-        result = call_cli(*train_args(world, "--out", str(disk / "a.safetensors")))
+        result = call_cli(*train_args(world, "-o", str(disk / "a.safetensors")))
         assert result.returncode == 2 and not trained(result)
         assert "not enough free space in" in result.stderr
         assert os.listdir(disk) == []
@@ -239,7 +239,7 @@ def test_a_final_write_that_fails_keeps_the_adapter_and_says_where(world: dict, 
             fault, fix = (lambda: os.chmod(out_folder, 0o555)), "choose a folder you can write to"
         fit = train.fit
         monkeypatch.setattr(train, "fit", lambda *args, **kwargs: (fit(*args, **kwargs), fault())[0])
-        result = call_cli(*train_args(world, "--out", str(out_folder / "mine.safetensors")), cwd=work)
+        result = call_cli(*train_args(world, "-o", str(out_folder / "mine.safetensors")), cwd=work)
         assert result.returncode == 2 and trained(result), result.stderr
         assert not (out_folder / "mine.safetensors").exists()
         assert not [name for name in os.listdir(out_folder) if name.startswith(".")]

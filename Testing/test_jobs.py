@@ -105,7 +105,7 @@ def long_training(data: Path, out: Path, work_dir: Path) -> Job:
                 str(data / "case1_label.nii.gz"), "--case", str(data / "case2_image.nii.gz"),
                 str(data / "case2_label.nii.gz"), "--label-map",
                 '{"1": "grey matter", "2": "white matter", "5": "white matter"}',
-                "--steps", "5000", "--out", str(out)], work_dir=work_dir)
+                "--steps", "5000", "-o", str(out)], work_dir=work_dir)
 
 
 def wait_for_event(job: Job, kind: str, timeout: float = 240) -> list[dict]:

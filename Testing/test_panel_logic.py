@@ -75,20 +75,26 @@ def test_the_import_check_catches_a_module_that_needs_numpy(tmp_path: Path) -> N
 
 
 def test_train_defaults_are_the_engines() -> None:
-    """The one home of the Train panel's defaults (settings.train_defaults) agrees with the engine's."""
-    from TCURLoRALib.train import DEFAULT_LR, DEFAULT_RANK, DEFAULT_STEPS
+    """The Train panel's defaults (settings.train_defaults) are TrainSettings', and within the panel's ranges."""
+    from TCURLoRALib.devices import check_device
+    from TCURLoRALib.settings import TrainSettings
 
-    assert settings.train_defaults() == settings.TrainDefaults(rank=DEFAULT_RANK, steps=DEFAULT_STEPS, lr=DEFAULT_LR)
+    engine = TrainSettings()
+    defaults = settings.train_defaults()
+    assert defaults == settings.TrainDefaults(rank=TrainSettings.NEW_RANK, steps=engine.steps, lr=engine.lr)
     low, high = settings.RANK_RANGE
-    assert low <= DEFAULT_RANK <= high and settings.LR_RANGE[0] <= DEFAULT_LR <= settings.LR_RANGE[1]
+    assert low <= defaults.rank <= high and settings.LR_RANGE[0] <= defaults.lr <= settings.LR_RANGE[1]
+    assert settings.STEPS_RANGE[0] <= defaults.steps <= settings.STEPS_RANGE[1]
+    assert all(check_device(device) == device for device in settings.DEVICES)
 
 
 def test_segment_defaults_and_devices_are_the_clis() -> None:
     segment = build_parser().parse_args(["segment", "in.nii.gz", "-o", "out.nii.gz"])
     assert settings.SEGMENT_OVERLAP == segment.overlap
-    choices = next(action.choices for action in build_parser()._subparsers._group_actions[0].choices["segment"]._actions
-                   if action.dest == "device")
-    assert tuple(choices) == settings.DEVICES == tuple(device.value for device in settings.Device)
+    for device in settings.DEVICES:
+        assert build_parser().parse_args(["segment", "in.nii.gz", "-o", "out.nii.gz", "--device", device]).device \
+            == device
+    assert settings.DEVICES == tuple(device.value for device in settings.Device)
     assert settings.Device.GPU.label() == "GPU (CUDA)"
 
 

@@ -126,7 +126,7 @@ def _writers(files: dict, prediction: VolumePrediction, labels: Sequence[Label],
 
 
 def _device(device: str) -> str:
-    from .segment import resolve_device
+    from .devices import resolve_device
 
     return str(resolve_device(device))
 

@@ -40,10 +40,11 @@ from .adapter import AdaptedUNETR
 from .basemodel import BaseModel, load_base
 from .cards import Label, ModelCard
 from .outputs import OutputFiles, atomic_write
+from .devices import resolve_device
 from .progress import EtaClock, Progress, silent
 
-__all__ = ["PROBABILITY_EXTENSIONS", "SegmentationResult", "VolumePrediction", "count_windows", "resolve_device",
-           "segment", "segment_volume", "sliding_window_logits"]
+__all__ = ["PROBABILITY_EXTENSIONS", "SegmentationResult", "VolumePrediction", "count_windows", "segment",
+           "segment_volume", "sliding_window_logits"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 ModelLike = Union[BaseModel, AdaptedUNETR, str, "os.PathLike[str]"]
@@ -203,34 +204,6 @@ def segment_volume(array: np.ndarray, geometry: volumes.Geometry, base: ModelLik
     return prediction
 
 
-def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
-    """The torch device for a device argument.
-
-    Args:
-        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, or a torch.device.
-
-    Raises:
-        ValueError: an unknown name, or CUDA asked for where there is none (or not that many GPUs).
-    """
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if resolved.type == "cpu":
-        return resolved
-    if resolved.type != "cuda":
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but CUDA is not available here (torch "
-                         f"{torch.__version__}, built with CUDA {torch.version.cuda}); use device 'cpu' or 'auto'")
-    if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} was asked for, but only {torch.cuda.device_count()} CUDA device(s) "
-                         f"exist")
-    return resolved
-
-
 def count_windows(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
     """Number of windows MONAI's ``sliding_window_inference`` runs on one image (same rule as MONAI 1.x).
 
@@ -276,7 +249,7 @@ def sliding_window_logits(network: Callable[[torch.Tensor], torch.Tensor], volum
         # One event a window (a batch holds up to sw_batch_size of them), so totals do not depend on batching.
         for _ in range(windows.shape[0]):
             done += 1
-            progress("step", step=done, total=total, eta_s=clock.eta(done))
+            progress("step", step=done, total=total, **clock.tick(done))
         return logits
 
     with torch.inference_mode():
@@ -420,9 +393,9 @@ def _check_arguments(overlap: float, sw_batch_size: int, device: Union[str, torc
     resolve_device(device)
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1 \
             or not math.isfinite(overlap):
-        raise ValueError(f"overlap must be a number in [0, 1), got {overlap!r}")
+        raise ValueError(f"--overlap must be a number in [0, 1), got {overlap!r}")
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, (int, np.integer)) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be an integer >= 1, got {sw_batch_size!r}")
+        raise ValueError(f"--sw-batch-size must be an integer >= 1, got {sw_batch_size!r}")
 
 
 def _check_outputs(output_path: PathLike, seg_nrrd_path: Union[PathLike, None],

@@ -8,7 +8,8 @@ __all__ = ["BASE_ONLY", "DEVICES", "LR_RANGE", "OVERLAP_RANGE", "RANK_RANGE", "S
            "Device", "TrainDefaults", "train_defaults"]
 
 DEVICES = ("auto", "cpu", "cuda")
-"""Device choices of both panels, as the CLI spells them."""
+"""Device choices of both panels, as the CLI spells them (a subset of ``devices.DEVICE_CHOICES``: the panels offer
+no GPU number)."""
 BASE_ONLY = "none"
 """The CLI's ``--adapter`` value for the base model without an adapter."""
 SEGMENT_OVERLAP = 0.25
@@ -49,9 +50,9 @@ class TrainDefaults:
 
 
 def train_defaults() -> TrainDefaults:
-    """The engine's training defaults, for the Train panel's parameter node.
+    """The engine's training defaults (:class:`~TCURLoRALib.settings.TrainSettings`, torch-free), for the Train
+    panel's parameter node: the one place the panels take them from."""
+    from ..settings import TrainSettings
 
-    The one place the panels take training defaults from (Testing/test_panel_logic.py checks them against the
-    engine's); written out because the engine's own definition imports torch.
-    """
-    return TrainDefaults(rank=16, steps=200, lr=1e-2)
+    engine = TrainSettings()
+    return TrainDefaults(rank=TrainSettings.NEW_RANK, steps=engine.steps, lr=engine.lr)

@@ -10,21 +10,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from ..progress import format_duration
+
 __all__ = ["ProgressTracker", "ProgressUpdate", "TrainingChart", "TrainingCurves", "format_duration"]
-
-
-def format_duration(seconds: float | None) -> str:
-    """``75`` -> ``"1 min 15 s"``, ``3700`` -> ``"1 h 1 min"``, ``None`` -> ``""``."""
-    if seconds is None or not math.isfinite(seconds):
-        return ""
-    seconds = max(int(round(seconds)), 0)
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
 
 
 def _format_number(value: Any) -> str:
