@@ -263,21 +263,26 @@ def test_annotated_slices_belong_to_the_case_before_them() -> None:
         _cases(build_parser().parse_args(["train", "--case", "a", "b", "--annotated-slices", "z:a"]))
 
 
-def test_threads_apply_to_a_command_that_computes(tmp_path: Path) -> None:
+def test_threads_apply_to_a_command_that_computes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--threads holds while the command computes, and the caller's setting comes back after it."""
     import torch
 
+    from TCURLoRALib import metrics
     from TCURLoRALib.cli import main
 
     array = np.zeros((4, 5, 6), np.uint8)
     array[1:3, 1:3, 1:3] = 1
     for name in ("p", "r"):
         sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / f"{name}.nii.gz"))
+    seen = []
+    evaluate = metrics.evaluate
+    monkeypatch.setattr(metrics, "evaluate", lambda *a, **k: seen.append(torch.get_num_threads()) or evaluate(*a, **k))
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         assert main(["evaluate", "--predictions", str(tmp_path / "p.nii.gz"), "--references",
                      str(tmp_path / "r.nii.gz"), "--threads", "1", "--progress", "none"]) == 0
-        assert torch.get_num_threads() == 1
+        assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
 

@@ -103,7 +103,7 @@ def test_an_adapter_with_nan_weights_is_refused(world: dict, tmp_path: Path) -> 
 def test_a_network_output_that_is_not_finite_fails_instead_of_writing_background(world: dict,
                                                                                   tmp_path: Path) -> None:
     from TCURLoRALib.basemodel import load_base
-    from TCURLoRALib.segment import segment
+    from TCURLoRALib.segmentation import segment
 
     base = load_base(world["base"])
     with torch.no_grad():

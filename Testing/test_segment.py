@@ -15,7 +15,7 @@ from TCURLoRALib.adapter import AdaptedUNETR, attach_head, save_adapter
 from TCURLoRALib.basemodel import load_base, save_base
 from TCURLoRALib.cards import AdapterCard, Label
 from TCURLoRALib.progress import Cancelled
-from TCURLoRALib.segment import count_windows, segment, segment_volume, sliding_window_logits
+from TCURLoRALib.segmentation import count_windows, segment, segment_volume, sliding_window_logits
 from TCURLoRALib.tcur import TCURLoRAConfig, TCURLoRAModel
 
 SPACING = (1.5, 2.5, 3.0)  # x, y, z in mm: anisotropic, and none of it the tiny base's 2 mm

@@ -14,7 +14,7 @@ from TCURLoRALib import files, metrics, volumes
 from TCURLoRALib.adapter import AdaptedUNETR, read_adapter
 from TCURLoRALib.basemodel import load_base
 from TCURLoRALib.paths import SAMPLE_IMAGE, SAMPLE_REFERENCE, shipped_models_dir, shipped_samples_dir
-from TCURLoRALib.segment import segment
+from TCURLoRALib.segmentation import segment
 from TCURLoRALib.store import AdapterStore
 
 BASE_FILE = "brain-tissue-base.safetensors"

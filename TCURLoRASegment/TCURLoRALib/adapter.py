@@ -21,6 +21,7 @@ from torch import nn
 from . import files, tensorfiles
 from .basemodel import BaseModel
 from .cards import AdapterCard, Label, check_adapter_matches_base
+from .store import resolve_adapter
 from .tcur import DECODER_BLOCKS, HEAD, TCURLoRAConfig, TCURLoRAModel
 
 __all__ = ["AdaptedUNETR", "adapter_file_bytes", "adapter_tensors", "attach_head", "read_adapter", "save_adapter"]
@@ -155,11 +156,13 @@ class AdaptedUNETR:
         return self.adapter_card.labels if self.adapter_card else self.base.card.labels
 
     @torch.no_grad()
-    def set_adapter(self, path: str | os.PathLike | None) -> AdapterCard | None:
-        """Activate the adapter in ``path`` (checked against the base first), or none for ``None``.
+    def set_adapter(self, adapter: str | os.PathLike | None) -> AdapterCard | None:
+        """Activate an adapter (checked against the base first): its file, or its name in the store
+        (:func:`TCURLoRALib.store.resolve_adapter`); ``None`` or ``"none"`` for the base alone.
 
         On an error the previous state is kept: the new file is read and checked before anything changes.
         """
+        path = resolve_adapter(adapter)
         loaded = read_adapter(path, self.base) if path is not None else None
         self._clear()
         if loaded is None:

@@ -18,11 +18,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import __version__
-from .outputs import OutputFiles
+import TCURLoRALib as engine
+
+from . import TrainSettings, __version__
 from .progress import Cancelled, JsonLinesProgress, PlainProgress, Progress, TerminalProgress, cancellable, silent
-from .settings import TrainSettings
-from .store import adapter_store, resolve_adapter, resolve_base
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CANCELLED", "EXIT_INTERNAL", "EXIT_OK", "build_parser", "main"]
 
@@ -82,12 +81,10 @@ def _make_progress(mode: str) -> Progress:
 
 
 def _segment(args: argparse.Namespace, progress: Progress) -> None:
-    from .segment import segment
-
-    result = segment(
-        args.image, resolve_base(args.base), args.output, adapter_path=resolve_adapter(args.adapter),
-        seg_nrrd_path=args.seg_nrrd, probabilities_path=args.probabilities, overlap=args.overlap,
-        sw_batch_size=args.sw_batch_size, overwrite=args.overwrite, progress=progress, **_given(device=args.device),
+    result = engine.segment(
+        args.image, args.output, adapter=args.adapter, base=args.base, seg_nrrd_path=args.seg_nrrd,
+        probabilities_path=args.probabilities, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+        threads=args.threads, overwrite=args.overwrite, progress=progress, **_given(device=args.device),
     )
     if _for_people(args):
         for name, millilitres in result.volumes_ml.items():
@@ -95,29 +92,21 @@ def _segment(args: argparse.Namespace, progress: Progress) -> None:
 
 
 def _demo(args: argparse.Namespace, progress: Progress) -> None:
-    from .demo import format_report, run_demo
-    from .paths import SAMPLE_IMAGE, SAMPLE_REFERENCE, shipped_samples_dir
-
-    samples = shipped_samples_dir()
-    image = Path(args.image) if args.image else samples / SAMPLE_IMAGE
-    reference = args.reference or (None if args.image else samples / SAMPLE_REFERENCE)
-    shipped = [entry for entry in adapter_store().list() if entry.source == "shipped"]
-    runs = run_demo(resolve_base(args.base), shipped, image, args.output, reference_path=reference,
-                    overwrite=args.overwrite, progress=progress, **_given(device=args.device))
+    runs = engine.run_demo(args.output, image_path=args.image, reference_path=args.reference, base=args.base,
+                           threads=args.threads, overwrite=args.overwrite, progress=progress,
+                           **_given(device=args.device))
     if _for_people(args):
-        print(format_report(runs))
+        print(engine.format_demo_report(runs))
         print(f"outputs in {Path(args.output).resolve()}")
 
 
 def _info(args: argparse.Namespace, progress: Progress) -> None:
-    from . import files
-
-    kind, card = files.read_info(args.path)
+    kind, card = engine.read_info(args.path)
     print(json.dumps({"kind": kind, "card": card}, indent=2))
 
 
 def _adapters(args: argparse.Namespace, progress: Progress) -> None:
-    store = adapter_store()
+    store = engine.adapter_store()
     if args.action == "list":
         entries = store.list()
         if args.json:
@@ -166,26 +155,14 @@ def _labels_argument(text: str | None) -> list | None:
 
 
 def _cases(args: argparse.Namespace) -> Any:
-    from .cases import TrainingCase, parse_annotated_slices
-
     if args.cases and args.case:
         raise ValueError("give cases either with --cases (folder or JSON) or with --case IMAGE LABEL, not both")
     if args.case:
-        return [TrainingCase(Path(case[0]), Path(case[1]),
-                             annotated_slices=parse_annotated_slices(case[2]) if len(case) > 2 else None)
-                for case in args.case]
+        return [engine.TrainingCase(Path(case[0]), Path(case[1]), annotated_slices=engine.parse_annotated_slices(
+            case[2]) if len(case) > 2 else None) for case in args.case]
     if args.cases:
         return args.cases
     raise ValueError("no training cases: give --cases FOLDER_OR_JSON or --case IMAGE LABEL")
-
-
-def _adapter_output(args: argparse.Namespace) -> tuple[Path, str]:
-    if args.output:
-        output = Path(args.output)
-        return output, args.name or output.name.removesuffix(".safetensors")
-    if not args.name:
-        raise ValueError("give the new adapter a --name (it is saved in your adapter folder) or an -o/--output file")
-    return adapter_store().path_for_new(args.name, overwrite=args.overwrite), args.name
 
 
 def _given(**options: Any) -> dict[str, Any]:
@@ -203,50 +180,32 @@ def _for_people(args: argparse.Namespace) -> bool:
 
 
 def _train(args: argparse.Namespace, progress: Progress) -> None:
-    from .report import validation_table
-    from .train import train_adapter
-
     settings = TrainSettings.of(**_settings(args, TRAINING_FIELDS))  # checked before the base is read
-    output, name = _adapter_output(args)
-    card = train_adapter(
-        resolve_base(args.base), _cases(args), _labels_argument(args.labels), output, name=name,
-        label_map=_json_argument(args.label_map, "--label-map"), parent_adapter=resolve_adapter(args.parent),
-        settings=settings, overwrite=args.overwrite, progress=progress,
+    result = engine.train_adapter(
+        _cases(args), args.output, name=args.name, base=args.base, labels=_labels_argument(args.labels),
+        label_map=_json_argument(args.label_map, "--label-map"), parent=args.parent, settings=settings,
+        overwrite=args.overwrite, progress=progress,
     )
     if _for_people(args):
-        print(f"adapter {card.name!r} written to {output}")
-        print(validation_table(card.metrics, card.training))
+        print(f"adapter {result.card.name!r} written to {result.output_path}")
+        print(engine.validation_table(result.card.metrics, result.card.training))
 
 
 def _pretrain(args: argparse.Namespace, progress: Progress) -> None:
-    from .report import validation_table
-    from .train import pretrain
-
     settings = TrainSettings.for_pretraining(**_settings(args, PRETRAINING_FIELDS))
-    card_fields = _json_argument(args.card, "--card")
-    card = pretrain(_cases(args), card_fields, args.output, label_map=_json_argument(args.label_map, "--label-map"),
-                    settings=settings, overwrite=args.overwrite, progress=progress)
+    result = engine.pretrain(_cases(args), _json_argument(args.card, "--card"), args.output,
+                             label_map=_json_argument(args.label_map, "--label-map"), settings=settings,
+                             overwrite=args.overwrite, progress=progress)
     if _for_people(args):
-        print(f"base model {card.name!r} written to {args.output}")
-        print(validation_table(card.metrics, card.provenance.get("training")))
+        print(f"base model {result.card.name!r} written to {result.output_path}")
+        print(engine.validation_table(result.card.metrics, result.card.provenance.get("training")))
 
 
 def _evaluate(args: argparse.Namespace, progress: Progress) -> None:
-    from . import metrics
-
-    if len(args.predictions) != len(args.references):
-        raise ValueError(f"{len(args.predictions)} predictions but {len(args.references)} references: give one "
-                         "reference per prediction, in the same order")
-    outputs = OutputFiles(overwrite=args.overwrite, inputs=[*args.predictions, *args.references])
-    reports = {}
-    if args.json:
-        reports[outputs.add(args.json, "metrics JSON")] = metrics.write_json
-    if args.csv:
-        reports[outputs.add(args.csv, "metrics CSV")] = metrics.write_csv
-    cases = metrics.evaluate(args.predictions, args.references, progress=progress)
-    outputs.publish({path: lambda temporary, write=write: write(temporary, cases) for path, write in reports.items()})
+    cases = engine.evaluate(args.predictions, args.references, json_path=args.json, csv_path=args.csv,
+                            threads=args.threads, overwrite=args.overwrite, progress=progress)
     if _for_people(args):
-        print(metrics.format_table(cases))
+        print(engine.format_metrics_table(cases))
 
 
 # ---------------------------------------------------------------------------------------------------- the parser
@@ -419,23 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _set_threads(args: argparse.Namespace) -> None:
-    """``--threads`` of a command that computes (training applies it itself, while it trains)."""
-    threads = getattr(args, "threads", None)
-    if threads is not None:
-        TrainSettings(threads=threads)  # the one check of the value
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # A cancel file (the Slicer panels' way to stop a job on Windows) is checked at every progress event.
     progress = cancellable(_make_progress(_progress_mode(args)))
     install_cancel_handlers()
     try:
-        _set_threads(args)
         run_command(args.handler, args, progress)
         return EXIT_OK
     except Cancelled as error:

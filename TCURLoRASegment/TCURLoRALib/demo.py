@@ -24,10 +24,10 @@ from .cards import Label
 from .outputs import OutputFiles
 from .overlay import VIEWS, overlay_views, write_png
 from .progress import Progress, silent
-from .segment import VolumePrediction, segment_volume
+from .segmentation import VolumePrediction, segment_volume
 from .store import AdapterEntry
 
-__all__ = ["DemoRun", "run_demo"]
+__all__ = ["DemoRun", "format_report", "run_models"]
 
 
 @dataclass
@@ -47,7 +47,7 @@ def _file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "model"
 
 
-def run_demo(
+def run_models(
     base_path: str | os.PathLike,
     adapters: Sequence[AdapterEntry],
     image_path: str | os.PathLike,

@@ -35,7 +35,7 @@ from TCURLoRALib import metrics, tensorfiles  # noqa: E402
 from TCURLoRALib.basemodel import load_base, save_base  # noqa: E402
 from TCURLoRALib.cards import Label  # noqa: E402
 from TCURLoRALib.progress import TerminalProgress  # noqa: E402
-from TCURLoRALib.segment import segment  # noqa: E402
+from TCURLoRALib.segmentation import segment  # noqa: E402
 from TCURLoRALib.train import pretrain, train_adapter  # noqa: E402
 
 from . import build  # noqa: E402

@@ -1,8 +1,8 @@
 """The panels' one door into the engine: the adapter store, the shipped base model, labels, and import checks.
 
-Every engine import happens inside a function: the store and the model files need torch today, and the panels
-must open (and say what is missing) before PyTorch is installed. The Slicer module files reach the engine only
-through here and :mod:`.runs`.
+Engine calls go through the package's front door (``TCURLoRALib``: the store, the shipped base, cards), inside
+functions, so that the panels open (and say what is missing) even where the engine cannot import yet. The Slicer
+module files reach the engine only through here and :mod:`.runs`.
 """
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ def engine_folder() -> Path:
 
 def adapter_store() -> Any:
     """The adapter store: shipped adapters and the user's folder (``$TCURLORA_HOME``)."""
-    from ..store import adapter_store
+    from .. import adapter_store
 
     return adapter_store()
 
 
 def _resolve_base(path: str | os.PathLike | None) -> Path:
-    from ..store import resolve_base
+    from .. import resolve_base
 
     return resolve_base(str(path) if path else None)
 
@@ -58,9 +58,9 @@ def shipped_sample() -> Path | None:
 
 def base_card(path: str | os.PathLike) -> ModelCard:
     """The model card of a base-model file."""
-    from .. import files
+    from .. import read_info
 
-    return ModelCard.from_json(files.read_info(path, "base")[1])
+    return ModelCard.from_json(read_info(path, "base")[1])
 
 
 def labels_of(adapter: str | None, base: str | os.PathLike | None = None) -> list[Label]:
@@ -92,7 +92,7 @@ def check_new_adapter_name(name: str) -> str:
     Raises:
         ValueError: an invalid name; FileExistsError: the name is taken.
     """
-    from ..store import check_adapter_name
+    from .. import check_adapter_name
 
     name = check_adapter_name(str(name).strip())
     if name.casefold() in {entry.name.casefold() for entry in adapter_store().list()}:
