@@ -153,29 +153,20 @@ def train_adapter(
     return TrainingResult(output, card)
 
 
-def pretrain(
-    cases: PathLike | Sequence[Any],
-    card_fields: Mapping[str, Any],
-    output_path: PathLike,
-    *,
-    label_map: Mapping[str, Any] | str | None = None,
-    settings: TrainSettings | None = None,
-    overwrite: bool = False,
-    progress: Progress = silent,
-    **changes: Any,
-) -> TrainingResult:
-    """Train a whole UNETR from scratch into a base-model file (settings: :meth:`TrainSettings.for_pretraining`).
+def pretrain(cases: PathLike | Sequence[Any], card_fields: Mapping[str, Any], output_path: PathLike,
+             **options: Any) -> TrainingResult:
+    """Train a whole UNETR from scratch into a base-model file.
 
     Args:
         cases: training cases, as for :func:`train_adapter`.
         card_fields: every model-card field but the fingerprint; its labels are the network's outputs.
         output_path: the base-model file to write.
+        **options: ``label_map``, ``settings`` (default :meth:`TrainSettings.for_pretraining`), ``overwrite``,
+            ``progress`` and single settings fields, as :func:`TCURLoRALib.train.pretrain` takes them.
     """
     from . import train
 
-    card = train.pretrain(cases, card_fields, output_path, label_map=label_map, settings=settings,
-                          overwrite=overwrite, progress=progress, **changes)
-    return TrainingResult(Path(output_path), card)
+    return TrainingResult(Path(output_path), train.pretrain(cases, card_fields, output_path, **options))
 
 
 def evaluate(
