@@ -6,6 +6,10 @@ With ``--progress json`` every event, the final error included, is one JSON obje
 :mod:`TCURLoRALib.progress`); messages for people go to standard error: a bar on a terminal, plain lines in a log.
 Options may follow the command and its action (``adapters list --progress none``). The training options, their help
 and their printed defaults come from :class:`~TCURLoRALib.settings.TrainSettings`.
+
+Under torchrun (``torchrun --nproc_per_node N -m TCURLoRALib train|pretrain ...``, :mod:`TCURLoRALib.distributed`)
+the processes share the training; the first (rank 0) alone reports progress and writes, and every process prints its
+own errors, marked ``[rank R]``.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .distributed import World
 from .outputs import OutputFiles
 from .progress import Cancelled, JsonLinesProgress, PlainProgress, Progress, TerminalProgress, cancellable, silent
 from .settings import TrainSettings
@@ -32,6 +37,7 @@ EXIT_INTERNAL = 3
 EXIT_CANCELLED = 130
 PROGRESS_MODES = ("auto", "bar", "plain", "json", "none")
 TRAINING_FIELDS = tuple(field.name for field in dataclasses.fields(TrainSettings))
+TORCHRUN_COMMANDS = ("train", "pretrain")
 PRETRAINING_FIELDS = tuple(name for name in TRAINING_FIELDS if name not in ("rank", "init", "groups", "lr_u"))
 
 Handler = Callable[[argparse.Namespace, Progress], Any]
@@ -203,30 +209,35 @@ def _for_people(args: argparse.Namespace) -> bool:
 
 
 def _train(args: argparse.Namespace, progress: Progress) -> None:
+    from .distributed import torchrun_session
     from .report import validation_table
     from .train import train_adapter
 
     settings = TrainSettings.of(**_settings(args, TRAINING_FIELDS))  # checked before the base is read
     output, name = _adapter_output(args)
-    card = train_adapter(
-        resolve_base(args.base), _cases(args), _labels_argument(args.labels), output, name=name,
-        label_map=_json_argument(args.label_map, "--label-map"), parent_adapter=resolve_adapter(args.parent),
-        settings=settings, overwrite=args.overwrite, progress=progress,
-    )
-    if _for_people(args):
+    with torchrun_session(settings.device) as parallel:
+        card = train_adapter(
+            resolve_base(args.base), _cases(args), _labels_argument(args.labels), output, name=name,
+            label_map=_json_argument(args.label_map, "--label-map"), parent_adapter=resolve_adapter(args.parent),
+            settings=settings, overwrite=args.overwrite, progress=progress, parallel=parallel,
+        )
+    if card is not None and _for_people(args):  # None: a torchrun process that writes nothing
         print(f"adapter {card.name!r} written to {output}")
         print(validation_table(card.metrics, card.training))
 
 
 def _pretrain(args: argparse.Namespace, progress: Progress) -> None:
+    from .distributed import torchrun_session
     from .report import validation_table
     from .train import pretrain
 
     settings = TrainSettings.for_pretraining(**_settings(args, PRETRAINING_FIELDS))
     card_fields = _json_argument(args.card, "--card")
-    card = pretrain(_cases(args), card_fields, args.output, label_map=_json_argument(args.label_map, "--label-map"),
-                    settings=settings, overwrite=args.overwrite, progress=progress)
-    if _for_people(args):
+    with torchrun_session(settings.device) as parallel:
+        card = pretrain(_cases(args), card_fields, args.output,
+                        label_map=_json_argument(args.label_map, "--label-map"), settings=settings,
+                        overwrite=args.overwrite, progress=progress, parallel=parallel)
+    if card is not None and _for_people(args):
         print(f"base model {card.name!r} written to {args.output}")
         print(validation_table(card.metrics, card.provenance.get("training")))
 
@@ -431,22 +442,34 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # A cancel file (the Slicer panels' way to stop a job on Windows) is checked at every progress event.
-    progress = cancellable(_make_progress(_progress_mode(args)))
+    try:
+        world = World.from_environment()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    marker = "" if world is None else f"[rank {world.rank}] "
+    # A cancel file (the Slicer panels' way to stop a job on Windows) is checked at every progress event; under
+    # torchrun by rank 0, the one that reports, whose end ends the job.
+    progress = cancellable(_make_progress(_progress_mode(args))) if world is None or world.main else silent
     install_cancel_handlers()
     try:
+        if world is not None and args.command not in TORCHRUN_COMMANDS:
+            raise ValueError(f"{args.command} runs in one process: start it with python -m TCURLoRALib, not "
+                             f"torchrun (which runs only {' and '.join(TORCHRUN_COMMANDS)})")
         _set_threads(args)
         run_command(args.handler, args, progress)
         return EXIT_OK
     except Cancelled as error:
         progress("error", kind="cancelled", message=str(error))
-        print(f"cancelled: {error}", file=sys.stderr)
+        print(f"{marker}cancelled: {error}", file=sys.stderr)
         return EXIT_CANCELLED
     except _bad_input_errors() as error:
         progress("error", kind="bad_input", message=str(error))
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{marker}error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as error:  # the last line of defence: report, with the traceback, and exit distinctly
         progress("error", kind="internal", message=f"{type(error).__name__}: {error}")
         traceback.print_exc(file=sys.stderr)
+        if marker:  # after the traceback, the line that says which process it was
+            print(f"{marker}internal error: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_INTERNAL
