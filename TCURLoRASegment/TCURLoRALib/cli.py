@@ -448,9 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     marker = "" if world is None else f"[rank {world.rank}] "
+    reporter = _make_progress(_progress_mode(args)) if world is None or world.main else silent
     # A cancel file (the Slicer panels' way to stop a job on Windows) is checked at every progress event; under
-    # torchrun by rank 0, the one that reports, whose end ends the job.
-    progress = cancellable(_make_progress(_progress_mode(args))) if world is None or world.main else silent
+    # torchrun by every process at every step instead (distributed.DataParallel), so that all stop together.
+    progress = cancellable(reporter) if world is None else reporter
     install_cancel_handlers()
     try:
         if world is not None and args.command not in TORCHRUN_COMMANDS:

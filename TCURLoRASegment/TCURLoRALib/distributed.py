@@ -27,8 +27,9 @@ batches of B instead of N B); ``Testing/test_distributed.py`` measures how close
 Failures: a process that fails ends the job. torchrun stops the others (SIGTERM) and names the failed rank; a
 process waiting for a lost one fails at once (gloo: connection closed by peer) or after
 :data:`COLLECTIVE_TIMEOUT_S`. Rank 0 writes nothing unless every step succeeded. SIGINT and SIGTERM sent to
-torchrun reach every process; the cancel file (``$TCURLORA_CANCEL_FILE``) is watched by rank 0, whose end ends the
-job.
+torchrun reach every process. The cancel file (``$TCURLORA_CANCEL_FILE``) is looked for by every process at every
+step, and the answers travel with the step's all-reduce, so that all processes stop at the same step (it is not
+looked for before the first step).
 
 ``$TCURLORA_DDP_TRACE`` (a folder), for tests and debugging: every process appends after each step a JSON line
 ``{"step", "rank", "pid", "digest"}`` (sha256 of its trainable parameters) to ``rank<R>.jsonl`` there.
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from .devices import check_device
 from .outputs import OutputFiles
+from .progress import CANCEL_FILE_ENV, Cancelled
 
 if TYPE_CHECKING:
     import torch
@@ -148,7 +150,8 @@ def torchrun_session(device: str, environ: Mapping[str, str] = os.environ) -> It
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    yield DataParallel(world, torch_device, backend, trace=environ.get(TRACE_ENV))
+    yield DataParallel(world, torch_device, backend, trace=environ.get(TRACE_ENV),
+                       cancel_file=environ.get(CANCEL_FILE_ENV))
     # Only after success: after a failure a peer may be gone, and the process ends anyway.
     dist.destroy_process_group()
 
@@ -173,10 +176,12 @@ class DataParallel:
         device: its device (:func:`device_for`).
         backend: the process group's (``"gloo"`` or ``"nccl"``), already initialised.
         trace: a folder for the per-step parameter digests (``$TCURLORA_DDP_TRACE``), or None.
+        cancel_file: the file whose appearance cancels the job (``$TCURLORA_CANCEL_FILE``), or None.
     """
 
-    def __init__(self, world: World, device: torch.device, backend: str, trace: str | None = None):
-        self.world, self.torch_device, self.backend = world, device, backend
+    def __init__(self, world: World, device: torch.device, backend: str, trace: str | None = None,
+                 cancel_file: str | None = None):
+        self.world, self.torch_device, self.backend, self.cancel_file = world, device, backend, cancel_file
         self.processes, self.main = world.size, world.main
         self.trace = Path(trace) / f"rank{world.rank}.jsonl" if trace else None
 
@@ -213,9 +218,14 @@ class DataParallel:
         from .loss import dice_ce_from_statistics, dice_ce_statistics
 
         own = dice_ce_statistics(logits, targets)
-        total = own.detach().clone()
+        # The step's one collective also carries whether any process found the cancel file, so that all stop
+        # together here rather than one of them leaving the others waiting for it.
+        asked = float(bool(self.cancel_file) and os.path.exists(self.cancel_file))
+        total = torch.cat([own.detach(), own.new_tensor([asked])])
         dist.all_reduce(total)  # the same bits in every process, so every process computes the same loss
-        total.requires_grad_(True)
+        if total[-1] > 0:
+            raise Cancelled(f"cancel requested (found {self.cancel_file!r})")
+        total = total[:-1].requires_grad_(True)
         value = dice_ce_from_statistics(total)
         (slope,) = torch.autograd.grad(value, total)
         share = (slope * own).sum() * self.processes  # DDP's mean over the processes divides by N again
