@@ -37,8 +37,8 @@ EXIT_INTERNAL = 3
 EXIT_CANCELLED = 130
 PROGRESS_MODES = ("auto", "bar", "plain", "json", "none")
 TRAINING_FIELDS = tuple(field.name for field in dataclasses.fields(TrainSettings))
-TORCHRUN_COMMANDS = ("train", "pretrain")
 PRETRAINING_FIELDS = tuple(name for name in TRAINING_FIELDS if name not in ("rank", "init", "groups", "lr_u"))
+TORCHRUN_COMMANDS = ("train", "pretrain")
 
 Handler = Callable[[argparse.Namespace, Progress], Any]
 

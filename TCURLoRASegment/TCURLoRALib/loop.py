@@ -75,7 +75,7 @@ class OneProcess:
     """How a training takes part in a job of several processes: here, the whole job in this one process.
 
     The default of :func:`fit`, :func:`~TCURLoRALib.train.train_adapter` and :func:`~TCURLoRALib.train.pretrain`;
-    :class:`TCURLoRALib.distributed.DataParallel` (torchrun) overrides every member.
+    :class:`TCURLoRALib.distributed.DataParallel` (torchrun) has the same members, each for a process of several.
     """
 
     processes = 1

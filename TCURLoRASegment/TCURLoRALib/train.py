@@ -83,8 +83,9 @@ def train_adapter(
         **changes: settings fields that replace those of ``settings`` (``steps=20``, ``lr=5e-3``, ...).
 
     Returns:
-        The card written (None in a process of a torchrun job that writes nothing). ``training`` holds cases, validation_cases, steps, seconds, device, seed, lr, lr_u,
-        batch_size, patch_size, best_step, trainable parameter counts, the label mapping and the validation split;
+        The card written (None in a process of a torchrun job that writes nothing). ``training`` holds cases,
+        validation_cases, steps, seconds, device, seed, lr, lr_u, batch_size, patch_size, best_step, trainable
+        parameter counts, the label mapping and the validation split;
         ``metrics["validation"]`` the best validation Dice per label (by label name), their mean, the step of that
         state and the starting Dice (``initial``), when there were validation cases. ``batch_size`` is the crops of
         a step in all processes together; a torchrun job adds ``distributed`` (processes, backend).
@@ -171,8 +172,9 @@ def pretrain(
         **changes: settings fields that replace those of ``settings``.
 
     Returns:
-        The card written (None in a process of a torchrun job that writes nothing); ``metrics["validation"]`` holds the best validation Dice when there were validation cases,
-        ``provenance["training"]`` the training record.
+        The card written (None in a process of a torchrun job that writes nothing); ``metrics["validation"]``
+        holds the best validation Dice when there were validation cases, ``provenance["training"]`` the training
+        record.
     """
     settings = TrainSettings.for_pretraining(**changes) if settings is None else TrainSettings.of(settings, **changes)
     outputs = parallel.output_files(overwrite=overwrite)
