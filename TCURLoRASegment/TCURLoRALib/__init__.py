@@ -28,7 +28,7 @@ _EXPORTS = {
     "TrainSettings": "settings", "TrainingCase": "cases", "parse_annotated_slices": "cases",
     "adapter_store": "store", "resolve_base": "store", "resolve_adapter": "store", "check_adapter_name": "store",
     "read_info": "files",
-    "Cancelled": "progress",
+    "Cancelled": "progress", "torchrun_session": "distributed", "World": "distributed",
     # text for people
     "validation_table": "report", "format_metrics_table": ("metrics", "format_table"),
     "format_demo_report": ("demo", "format_report"),

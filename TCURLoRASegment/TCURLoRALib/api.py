@@ -123,8 +123,9 @@ def train_adapter(
     settings: TrainSettings | None = None,
     overwrite: bool = False,
     progress: Progress = silent,
+    parallel: Any = None,
     **changes: Any,
-) -> TrainingResult:
+) -> TrainingResult | None:
     """Train a tCURLoRA adapter on a few cases and write it.
 
     Args:
@@ -140,6 +141,10 @@ def train_adapter(
         settings: :class:`TrainSettings`; ``**changes`` replace single fields (``steps=100``).
         overwrite: replace an existing adapter of that name or file.
         progress: receives ``log``, ``start``, ``step``, ``metric`` and ``done`` events.
+        parallel: under torchrun, the :func:`torchrun_session`'s processes (default: this process alone).
+
+    Returns:
+        the file and its card; None in a torchrun process other than the first (which alone writes).
 
     Raises:
         ValueError: neither ``output_path`` nor ``name``; bad settings, cases or labels (the message says which).
@@ -149,12 +154,12 @@ def train_adapter(
     output, name = _adapter_output(output_path, name, overwrite)
     card = train.train_adapter(resolve_base(base), cases, labels, output, name=name, label_map=label_map,
                                parent_adapter=resolve_adapter(parent), settings=settings, overwrite=overwrite,
-                               progress=progress, **changes)
-    return TrainingResult(output, card)
+                               progress=progress, **_parallel(parallel), **changes)
+    return None if card is None else TrainingResult(output, card)
 
 
 def pretrain(cases: PathLike | Sequence[Any], card_fields: Mapping[str, Any], output_path: PathLike,
-             **options: Any) -> TrainingResult:
+             **options: Any) -> TrainingResult | None:
     """Train a whole UNETR from scratch into a base-model file.
 
     Args:
@@ -162,11 +167,15 @@ def pretrain(cases: PathLike | Sequence[Any], card_fields: Mapping[str, Any], ou
         card_fields: every model-card field but the fingerprint; its labels are the network's outputs.
         output_path: the base-model file to write.
         **options: ``label_map``, ``settings`` (default :meth:`TrainSettings.for_pretraining`), ``overwrite``,
-            ``progress`` and single settings fields, as :func:`TCURLoRALib.train.pretrain` takes them.
+            ``progress``, ``parallel`` and single settings fields, as :func:`TCURLoRALib.train.pretrain` takes them.
+
+    Returns:
+        as :func:`train_adapter`.
     """
     from . import train
 
-    return TrainingResult(Path(output_path), train.pretrain(cases, card_fields, output_path, **options))
+    card = train.pretrain(cases, card_fields, output_path, **options)
+    return None if card is None else TrainingResult(Path(output_path), card)
 
 
 def evaluate(
@@ -244,6 +253,11 @@ def _adapter_output(output_path: PathLike | None, name: str | None, overwrite: b
         raise ValueError("give the new adapter a name (--name: saved in your adapter folder) or an output file "
                          "(-o/--output)")
     return adapter_store().path_for_new(name, overwrite=overwrite), name
+
+
+def _parallel(parallel: Any) -> dict[str, Any]:
+    """``parallel`` for train's calls, left out when None so that their default (one process) holds."""
+    return {} if parallel is None else {"parallel": parallel}
 
 
 def _is_loaded(base: Any) -> bool:

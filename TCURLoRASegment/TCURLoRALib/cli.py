@@ -6,6 +6,10 @@ With ``--progress json`` every event, the final error included, is one JSON obje
 :mod:`TCURLoRALib.progress`); messages for people go to standard error: a bar on a terminal, plain lines in a log.
 Options may follow the command and its action (``adapters list --progress none``). The training options, their help
 and their printed defaults come from :class:`~TCURLoRALib.settings.TrainSettings`.
+
+Under torchrun (``torchrun --nproc_per_node N -m TCURLoRALib train|pretrain ...``, :mod:`TCURLoRALib.distributed`)
+the processes share the training; the first (rank 0) alone reports progress and writes, and every process prints its
+own errors, marked ``[rank R]``.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import TCURLoRALib as engine
 
-from . import TrainSettings, __version__
+from . import TrainSettings, World, __version__
 from .progress import Cancelled, JsonLinesProgress, PlainProgress, Progress, TerminalProgress, cancellable, silent
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CANCELLED", "EXIT_INTERNAL", "EXIT_OK", "build_parser", "main"]
@@ -32,6 +36,7 @@ EXIT_CANCELLED = 130
 PROGRESS_MODES = ("auto", "bar", "plain", "json", "none")
 TRAINING_FIELDS = tuple(field.name for field in dataclasses.fields(TrainSettings))
 PRETRAINING_FIELDS = tuple(name for name in TRAINING_FIELDS if name not in ("rank", "init", "groups", "lr_u"))
+TORCHRUN_COMMANDS = ("train", "pretrain")
 
 Handler = Callable[[argparse.Namespace, Progress], Any]
 
@@ -181,22 +186,24 @@ def _for_people(args: argparse.Namespace) -> bool:
 
 def _train(args: argparse.Namespace, progress: Progress) -> None:
     settings = TrainSettings.of(**_settings(args, TRAINING_FIELDS))  # checked before the base is read
-    result = engine.train_adapter(
-        _cases(args), args.output, name=args.name, base=args.base, labels=_labels_argument(args.labels),
-        label_map=_json_argument(args.label_map, "--label-map"), parent=args.parent, settings=settings,
-        overwrite=args.overwrite, progress=progress,
-    )
-    if _for_people(args):
+    with engine.torchrun_session(settings.device) as parallel:
+        result = engine.train_adapter(
+            _cases(args), args.output, name=args.name, base=args.base, labels=_labels_argument(args.labels),
+            label_map=_json_argument(args.label_map, "--label-map"), parent=args.parent, settings=settings,
+            overwrite=args.overwrite, progress=progress, parallel=parallel,
+        )
+    if result is not None and _for_people(args):  # None: a torchrun process that writes nothing
         print(f"adapter {result.card.name!r} written to {result.output_path}")
         print(engine.validation_table(result.card.metrics, result.card.training))
 
 
 def _pretrain(args: argparse.Namespace, progress: Progress) -> None:
     settings = TrainSettings.for_pretraining(**_settings(args, PRETRAINING_FIELDS))
-    result = engine.pretrain(_cases(args), _json_argument(args.card, "--card"), args.output,
-                             label_map=_json_argument(args.label_map, "--label-map"), settings=settings,
-                             overwrite=args.overwrite, progress=progress)
-    if _for_people(args):
+    with engine.torchrun_session(settings.device) as parallel:
+        result = engine.pretrain(_cases(args), _json_argument(args.card, "--card"), args.output,
+                                 label_map=_json_argument(args.label_map, "--label-map"), settings=settings,
+                                 overwrite=args.overwrite, progress=progress, parallel=parallel)
+    if result is not None and _for_people(args):
         print(f"base model {result.card.name!r} written to {result.output_path}")
         print(engine.validation_table(result.card.metrics, result.card.provenance.get("training")))
 
@@ -380,21 +387,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # A cancel file (the Slicer panels' way to stop a job on Windows) is checked at every progress event.
-    progress = cancellable(_make_progress(_progress_mode(args)))
+    try:
+        world = World.from_environment()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    marker = "" if world is None else f"[rank {world.rank}] "
+    reporter = _make_progress(_progress_mode(args)) if world is None or world.main else silent
+    # A cancel file (the Slicer panels' way to stop a job on Windows) is checked at every progress event; under
+    # torchrun by every process at every step instead (distributed.DataParallel), so that all stop together.
+    progress = cancellable(reporter) if world is None else reporter
     install_cancel_handlers()
     try:
+        if world is not None and args.command not in TORCHRUN_COMMANDS:
+            raise ValueError(f"{args.command} runs in one process: start it with python -m TCURLoRALib, not "
+                             f"torchrun (which runs only {' and '.join(TORCHRUN_COMMANDS)})")
         run_command(args.handler, args, progress)
         return EXIT_OK
     except Cancelled as error:
         progress("error", kind="cancelled", message=str(error))
-        print(f"cancelled: {error}", file=sys.stderr)
+        print(f"{marker}cancelled: {error}", file=sys.stderr)
         return EXIT_CANCELLED
     except _bad_input_errors() as error:
         progress("error", kind="bad_input", message=str(error))
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{marker}error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as error:  # the last line of defence: report, with the traceback, and exit distinctly
         progress("error", kind="internal", message=f"{type(error).__name__}: {error}")
         traceback.print_exc(file=sys.stderr)
+        if marker:  # after the traceback, the line that says which process it was
+            print(f"{marker}internal error: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_INTERNAL

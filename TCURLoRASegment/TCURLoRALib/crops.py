@@ -55,19 +55,31 @@ class CropSampler:
         return {"image": image, "target": target, "by_class": by_class,
                 "annotated": np.flatnonzero(flat != IGNORE_INDEX)}
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``size`` crops: images float32 ``B x 1 x D x H x W`` and targets int64 ``B x D x H x W``."""
+    def batch(self, size: int, keep: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` crops: images float32 ``B x 1 x D x H x W`` and targets int64 ``B x D x H x W``.
+
+        Args:
+            size: crops drawn.
+            keep: which of them to return (indices into the ``size``; default all, ``B = size``). The others are
+                drawn but neither cut nor augmented, so that the random streams move on exactly as for all
+                ``size``: processes that keep disjoint parts of one seeded batch hold that batch together.
+        """
         images, targets = [], []
-        for _ in range(size):
+        for index in range(size):
             case = self.cases[int(self.rng.integers(len(self.cases)))]
-            image, target = self._crop(case)
+            box = self._box(case)
+            if keep is not None and index not in keep:
+                # The same draws as a real crop: the transforms' random parameters do not depend on the data.
+                self.augment({"image": torch.zeros(1, 2, 2, 2), "label": torch.zeros(1, 2, 2, 2)})
+                continue
+            image, target = np.ascontiguousarray(case["image"][box]), np.ascontiguousarray(case["target"][box])
             out = self.augment({"image": torch.from_numpy(image)[None], "label": torch.from_numpy(target)[None]
                                 .to(torch.float32)})
             images.append(_plain(out["image"]))
             targets.append(_plain(out["label"])[0].round().to(torch.int64))
         return torch.stack(images), torch.stack(targets)
 
-    def _crop(self, case: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    def _box(self, case: Mapping[str, Any]) -> tuple[slice, ...]:
         classes = sorted(case["by_class"])
         if classes and self.rng.random() >= BACKGROUND_FRACTION:
             pool = case["by_class"][classes[int(self.rng.integers(len(classes)))]]
@@ -75,8 +87,7 @@ class CropSampler:
             pool = case["annotated"]
         centre = np.unravel_index(int(pool[int(self.rng.integers(len(pool)))]), case["target"].shape)
         start = [int(min(max(c - p // 2, 0), s - p)) for c, p, s in zip(centre, self.patch, case["target"].shape)]
-        box = tuple(slice(b, b + p) for b, p in zip(start, self.patch))
-        return np.ascontiguousarray(case["image"][box]), np.ascontiguousarray(case["target"][box])
+        return tuple(slice(b, b + p) for b, p in zip(start, self.patch))
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:

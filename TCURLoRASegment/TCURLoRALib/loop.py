@@ -8,6 +8,11 @@ Validation: before the first step (``validate_initial``), every ``validate_every
 with the best mean foreground Dice is the one kept (the starting state included, so continuing an adapter never
 makes it worse on those cases). Reproducibility: the same inputs, seed, device, thread count and library versions
 give a bit-identical result inside :func:`reproducible`.
+
+Processes: :func:`fit` runs in one process (:class:`OneProcess`, the default) or as one of several that share each
+step (``parallel``: :class:`TCURLoRALib.distributed.DataParallel` under torchrun). That hook decides how the model is
+wrapped, which crops of the step's batch this process takes, how the loss of the batch is formed, whether this
+process validates and reports, and what it writes; the loop itself is the same.
 """
 from __future__ import annotations
 
@@ -24,12 +29,14 @@ from torch import nn
 from .cards import Label
 from .cases import PreparedCase
 from .crops import CropSampler
+from .devices import resolve_device
 from .loss import masked_dice_ce
+from .outputs import OutputFiles
 from .progress import EtaClock, Progress, silent
 from .settings import TrainSettings
 from .validation import validate
 
-__all__ = ["DECODER_WEIGHT_DECAY", "FitResult", "adapter_optimizer", "fit", "reproducible"]
+__all__ = ["DECODER_WEIGHT_DECAY", "FitResult", "OneProcess", "adapter_optimizer", "fit", "reproducible"]
 
 DECODER_WEIGHT_DECAY = 1e-5
 _FINAL_LR_FRACTION = 0.05
@@ -64,6 +71,51 @@ class FitResult:
         return {"validation": metrics}
 
 
+class OneProcess:
+    """How a training takes part in a job of several processes: here, the whole job in this one process.
+
+    The default of :func:`fit`, :func:`~TCURLoRALib.train.train_adapter` and :func:`~TCURLoRALib.train.pretrain`;
+    :class:`TCURLoRALib.distributed.DataParallel` (torchrun) has the same members, each for a process of several.
+    """
+
+    processes = 1
+    """Processes that share each step."""
+    main = True
+    """Whether this process validates, reports progress and writes the result."""
+
+    def device(self, name: str) -> torch.device:
+        """The torch device for a ``--device`` value."""
+        return resolve_device(name)
+
+    def output_files(self, *, overwrite: bool, inputs: Sequence[Any] = ()) -> OutputFiles:
+        """The command's outputs (checked now, written at the end), or, where this process writes nothing, a
+        stand-in that checks and writes nothing."""
+        return OutputFiles(overwrite=overwrite, inputs=inputs)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module the training steps call (the model itself here)."""
+        return model
+
+    def batch(self, sampler: CropSampler, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's crops of a step whose batch is ``size`` crops a process."""
+        return sampler.batch(size)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of the step's batch, to backpropagate from this process's crops (logits ``B x C x D x H x W``,
+        targets ``B x D x H x W``)."""
+        return masked_dice_ce(logits, targets)
+
+    def stepped(self, step: int, model: nn.Module) -> None:
+        """Called after each optimiser step (nothing to do here)."""
+
+    def record(self) -> dict[str, Any]:
+        """What the training record adds about the processes (nothing here)."""
+        return {}
+
+
+ONE_PROCESS = OneProcess()
+
+
 def adapter_optimizer(encoder_side: Sequence[nn.Parameter], decoder_and_head: Sequence[nn.Parameter], lr: float,
                       lr_u: float) -> torch.optim.AdamW:
     """AdamW of an adapter: the encoder side (U; in the few-shot benchmark also LoRA's A and B, or the base
@@ -83,7 +135,7 @@ def _validation_steps(steps: int, every: int) -> list[int]:
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequence[PreparedCase],
         validation_data: Sequence[PreparedCase], *, labels: Sequence[Label], patch_size: Sequence[int],
         settings: TrainSettings, progress: Progress = silent, task: str = "train",
-        validate_initial: bool = False) -> FitResult:
+        validate_initial: bool = False, parallel: OneProcess = ONE_PROCESS) -> FitResult:
     """Runs ``settings.steps`` optimiser steps, validating on the way; leaves the model holding the best validated
     state (without validation cases, the last one).
 
@@ -98,18 +150,22 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequence
         task: the task name of the ``start`` event.
         validate_initial: validate the starting state (step 0) too, record it as ``initial`` and let it be the
             best state.
+        parallel: how this process shares the steps with others (default: it does not). A process that is not
+            ``parallel.main`` neither validates (its result holds no scores) nor keeps a best state.
 
     Raises:
         FloatingPointError: the loss became non-finite (the message says to lower ``--lr``).
     """
     steps = settings.steps
     sampler = CropSampler(train_data, patch_size, settings.seed)
+    network = parallel.wrap(model)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine(step, steps))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     device = next(model.parameters()).device
     result = FitResult(len(validation_data), steps=steps)
     best_score, best_state = -math.inf, None
-    pending = _validation_steps(steps, settings.validate_every) if validation_data else []
+    validating = bool(validation_data) and parallel.main
+    pending = _validation_steps(steps, settings.validate_every) if validating else []
     validation_seconds = 0.0
 
     def check(step: int) -> None:
@@ -128,14 +184,14 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequence
             best_state = {n: p.detach().clone() for n, p in trainable}
 
     progress("start", task=task, total=steps)
-    if validation_data and (validate_initial or steps == 0):
+    if validating and (validate_initial or steps == 0):
         check(0)
     clock = EtaClock(steps)
     model.train()
     for step in range(1, steps + 1):
-        images, targets = sampler.batch(settings.batch_size)
+        images, targets = parallel.batch(sampler, settings.batch_size)
         optimizer.zero_grad(set_to_none=True)
-        loss = masked_dice_ce(model(images.to(device)), targets.to(device))
+        loss = parallel.loss(network(images.to(device)), targets.to(device))
         if not torch.isfinite(loss):
             rates = f"--lr (now {settings.lr:g})" + (f" or --lr-u (now {settings.lr_u:g})"
                                                       if len(optimizer.param_groups) > 1 else "")
@@ -144,6 +200,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequence
         loss.backward()
         optimizer.step()
         schedule.step()
+        parallel.stepped(step, model)
         validations_left = sum(1 for at in pending if at > step)
         progress("step", step=step, total=steps, loss=round(float(loss.item()), 5),
                  **clock.tick(step, extra_s=validations_left * validation_seconds))

@@ -31,10 +31,8 @@ from .adapter import adapter_file_bytes, attach_head, group_state_of, read_adapt
 from .basemodel import build_unetr, load_base, save_base
 from .cards import AdapterCard, Label, ModelCard
 from .cases import IGNORE_INDEX, LabelMapping, PreparedCase, find_cases, parse_label_mapping, prepare_cases
-from .devices import resolve_device
 from .labelset import adapter_labels, describe_labels
-from .loop import DECODER_WEIGHT_DECAY, FitResult, adapter_optimizer, fit, reproducible
-from .outputs import OutputFiles
+from .loop import DECODER_WEIGHT_DECAY, ONE_PROCESS, FitResult, OneProcess, adapter_optimizer, fit, reproducible
 from .progress import Progress, silent
 from .settings import TrainSettings
 from .tcur import DECODER_BLOCKS, HEAD, TCURLoRAConfig, TCURLoRAModel
@@ -57,8 +55,9 @@ def train_adapter(
     settings: TrainSettings | None = None,
     overwrite: bool = False,
     progress: Progress = silent,
+    parallel: OneProcess = ONE_PROCESS,
     **changes: Any,
-) -> AdapterCard:
+) -> AdapterCard | None:
     """Train a tCURLoRA adapter on a base model and write it (atomically) with its card.
 
     Args:
@@ -78,13 +77,18 @@ def train_adapter(
         overwrite: replace an existing ``output_path``; without it the file is also written exclusively, so that an
             adapter another run wrote there meanwhile is never replaced.
         progress: receives ``log`` (labels, mapping, split), ``start``, ``step``, ``metric`` and ``done`` events.
+        parallel: the processes that share the training (default: this one alone); under torchrun
+            :class:`TCURLoRALib.distributed.DataParallel`, whose ``settings.batch_size`` is each process's share
+            and whose first process (rank 0) alone checks and writes the output and validates.
         **changes: settings fields that replace those of ``settings`` (``steps=20``, ``lr=5e-3``, ...).
 
     Returns:
-        The card written. ``training`` holds cases, validation_cases, steps, seconds, device, seed, lr, lr_u,
-        batch_size, patch_size, best_step, trainable parameter counts, the label mapping and the validation split;
+        The card written (None in a process of a torchrun job that writes nothing). ``training`` holds cases,
+        validation_cases, steps, seconds, device, seed, lr, lr_u, batch_size, patch_size, best_step, trainable
+        parameter counts, the label mapping and the validation split;
         ``metrics["validation"]`` the best validation Dice per label (by label name), their mean, the step of that
-        state and the starting Dice (``initial``), when there were validation cases.
+        state and the starting Dice (``initial``), when there were validation cases. ``batch_size`` is the crops of
+        a step in all processes together; a torchrun job adds ``distributed`` (processes, backend).
 
     Raises:
         FileNotFoundError, ValueError, CardError, TCURLoRAFileError: bad input (files, labels, settings, mapping).
@@ -95,10 +99,10 @@ def train_adapter(
         Cancelled: raised by the caller's signal handler; nothing is written then.
     """
     settings = TrainSettings.of(settings, **changes)
-    outputs = OutputFiles(overwrite=overwrite, inputs=[base_path, parent_adapter])
+    outputs = parallel.output_files(overwrite=overwrite, inputs=[base_path, parent_adapter])
     output_path = outputs.add(output_path, "adapter")
     started = time.monotonic()
-    torch_device = resolve_device(settings.device)
+    torch_device = parallel.device(settings.device)
     base = load_base(base_path, torch_device)
     parent = read_adapter(parent_adapter, base) if parent_adapter is not None else None
     parent_card = parent[1] if parent else None
@@ -127,16 +131,18 @@ def train_adapter(
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in u_ids]
         result = fit(model, adapter_optimizer(u_parameters, others, settings.lr, settings.lr_u), train_data,
                      validation_data, labels=choice.labels, patch_size=base.card.patch_size, settings=settings,
-                     progress=progress, task="train adapter", validate_initial=True)
+                     progress=progress, task="train adapter", validate_initial=True, parallel=parallel)
     model.eval()
     training = {
-        **_record(settings, result, torch_device, started, len(train_data)), "lr_u": settings.lr_u,
+        **_record(settings, result, torch_device, started, len(train_data), parallel), "lr_u": settings.lr_u,
         "patch_size": list(base.card.patch_size), "validate_every": settings.validate_every,
         "unmapped": settings.unmapped,
         "trainable": {"u": counts.u, "decoder": counts.decoder, "head": counts.head, "total": counts.total},
         "label_mapping": mapping.to_json(), "validation_split": _split_json(split),
     }
     card = dataclasses.replace(card, training=training, metrics=result.metrics_json())
+    if not parallel.main:
+        return None
     outputs.publish({output_path: lambda temporary: save_adapter(temporary, model, card, include_head=new_head)})
     progress("done", output=str(output_path), seconds=training["seconds"])
     return card
@@ -151,8 +157,9 @@ def pretrain(
     settings: TrainSettings | None = None,
     overwrite: bool = False,
     progress: Progress = silent,
+    parallel: OneProcess = ONE_PROCESS,
     **changes: Any,
-) -> ModelCard:
+) -> ModelCard | None:
     """Train a whole UNETR from scratch and write it as a base-model file (atomically).
 
     Args:
@@ -161,21 +168,22 @@ def pretrain(
         output_path: the base-model file to write (checked before the work, as for :func:`train_adapter`).
         label_map: as for :func:`train_adapter`.
         settings: default :meth:`TrainSettings.for_pretraining` (no validation; all weights train at ``lr``).
-        overwrite, progress: as for :func:`train_adapter`.
+        overwrite, progress, parallel: as for :func:`train_adapter`.
         **changes: settings fields that replace those of ``settings``.
 
     Returns:
-        The card written; ``metrics["validation"]`` holds the best validation Dice when there were validation cases,
-        ``provenance["training"]`` the training record.
+        The card written (None in a process of a torchrun job that writes nothing); ``metrics["validation"]``
+        holds the best validation Dice when there were validation cases, ``provenance["training"]`` the training
+        record.
     """
     settings = TrainSettings.for_pretraining(**changes) if settings is None else TrainSettings.of(settings, **changes)
-    outputs = OutputFiles(overwrite=overwrite)
+    outputs = parallel.output_files(overwrite=overwrite)
     output_path = outputs.add(output_path, "base model")
     started = time.monotonic()
     fields = dict(card_fields)
     fields.pop("fingerprint", None)
     card = ModelCard.from_json({**fields, "fingerprint": "0" * 64})  # checks the fields before any work
-    torch_device = resolve_device(settings.device)
+    torch_device = parallel.device(settings.device)
     mapping = LabelMapping(card.labels, parse_label_mapping(label_map), settings.unmapped)
     split = split_cases(find_cases(cases), settings.validation, settings.seed)
     progress("log", message=split.describe())
@@ -185,12 +193,14 @@ def pretrain(
         outputs.expect(output_path, sum(value.numel() * value.element_size() for value in model.state_dict().values()))
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=DECODER_WEIGHT_DECAY)
         result = fit(model, optimizer, train_data, validation_data, labels=card.labels, patch_size=card.patch_size,
-                     settings=settings, progress=progress, task="pretrain")
+                     settings=settings, progress=progress, task="pretrain", parallel=parallel)
     model.eval()
-    record = {**_record(settings, result, torch_device, started, len(train_data)),
+    record = {**_record(settings, result, torch_device, started, len(train_data), parallel),
               "label_mapping": mapping.to_json(), "validation_split": _split_json(split)}
     fields["metrics"] = {**dict(fields.get("metrics") or {}), **result.metrics_json()}
     fields["provenance"] = {**dict(fields.get("provenance") or {}), "training": record}
+    if not parallel.main:
+        return None
     written: list[ModelCard] = []
     outputs.publish({output_path: lambda temporary: written.append(save_base(temporary, model, fields))})
     progress("done", output=str(output_path), seconds=record["seconds"])
@@ -249,12 +259,12 @@ def _adapted_model(unetr: nn.Module, config: TCURLoRAConfig, labels: Sequence[La
     return TCURLoRAModel(unetr, config, group_state=group_state_of(tensors)).to(device)
 
 
-def _record(settings: TrainSettings, result: FitResult, device: torch.device, started: float,
-            cases: int) -> dict[str, Any]:
+def _record(settings: TrainSettings, result: FitResult, device: torch.device, started: float, cases: int,
+            parallel: OneProcess) -> dict[str, Any]:
     return {"cases": cases, "validation_cases": result.validation_cases, "steps": settings.steps,
             "seconds": round(time.monotonic() - started, 2), "device": str(device), "seed": settings.seed,
-            "lr": settings.lr, "batch_size": settings.batch_size, "best_step": result.best_step,
-            "torch": torch.__version__}
+            "lr": settings.lr, "batch_size": settings.batch_size * parallel.processes, "best_step": result.best_step,
+            "torch": torch.__version__, **parallel.record()}
 
 
 def _split_json(split: Split) -> dict[str, Any]:
