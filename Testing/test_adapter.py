@@ -122,6 +122,7 @@ def test_update_changes_output_through_vit_alone() -> None:
 
 def test_delta_is_computed_once_per_group_and_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     model = TCURLoRAModel(tiny_unetr(), TCURLoRAConfig(rank=4))
+    model.set_route("fft")
     calls: list[int] = []
     original = TCURGroup.delta_weight
     monkeypatch.setattr(TCURGroup, "delta_weight", lambda self, u=None: calls.append(1) or original(self, u))

@@ -133,10 +133,12 @@ def test_every_adapted_linear_gets_its_slices_of_the_update() -> None:
         torch.testing.assert_close(merged, weight, rtol=1e-10, atol=1e-10, msg=path)
 
 
-def test_output_and_gradients_match_the_reference_weights() -> None:
-    """Forward and backward of the unmerged adapter against a plain UNETR run with the reference weights: the output,
-    the gradient of every U and the gradient of the input."""
+@pytest.mark.parametrize("route", ["fft", "bcirc", "factored", "auto"])
+def test_output_and_gradients_match_the_reference_weights(route: str) -> None:
+    """Forward and backward of the unmerged adapter, on each route, against a plain UNETR run with the reference
+    weights: the output, the gradient of every U and the gradient of the input."""
     reference, model = adapted_pair()
+    model.set_route(route)
     for group in model.groups.values():
         group.u.requires_grad_(True)
     x_model = image().requires_grad_()
