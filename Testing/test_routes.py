@@ -72,12 +72,15 @@ def test_set_route_is_checked_and_auto_follows_the_count() -> None:
         model.set_route("dense")
     with pytest.raises(ValueError, match=r"adapts no group\(s\) \['mlp'\]"):
         model.set_route("fft", ["mlp"])
+    model.set_route("factored")
     model.set_route("bcirc", ["attention"])
-    assert model.route("attention", 16) == "bcirc"
-    attention = model.groups["attention"]
+    assert [model.route(name, 16) for name in model.groups] == ["bcirc", "factored", "factored"]
+    model.set_route("auto")
+    group = model.groups["mlp_up"]
     counts = [site.stop - site.start for site in model.sites["mlp_up"]]
-    expected = choose_route(model.groups["mlp_up"].shape, attention.rows.numel(), counts, 10_000, backward=False)
-    assert model.route("mlp_up", 10_000) == expected
+    for tokens in (1, 10**6):
+        expected = choose_route(group.shape, group.rows.numel(), counts, tokens, backward=False)
+        assert model.route("mlp_up", tokens) == expected
 
 
 def test_factored_route_builds_no_update_and_merged_forward_uses_the_base_alone(monkeypatch: pytest.MonkeyPatch) -> None:
