@@ -48,6 +48,19 @@ def test_site_outputs_and_gradients_equal_the_reference(n3: int, rank: int, rout
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{name}, site {start}..{stop}")
 
 
+@pytest.mark.parametrize("n3", [1, 2, 3, 4])
+def test_short_tubes(n3: int) -> None:
+    """Tube lengths where the real Fourier blocks of the factored route degenerate (no pair, Nyquist only, padding)."""
+    group, weight = group_with_random_u(5, 4, n3, 2, seed=n3)
+    delta = naive_delta(weight, group.rows, group.cols, group.u.detach() - group.u_init)
+    x = random(3, 4, seed=1)
+    for start, stop in ((0, n3), (n3 - 1, n3)):
+        expected = x @ torch.cat([delta[:, :, k] for k in range(start, stop)], dim=0).T
+        for route in ROUTES:
+            torch.testing.assert_close(site_output(group, route, x, start, stop).detach(), expected, rtol=1e-10,
+                                       atol=1e-10, msg=f"{route}, slices {start}..{stop}")
+
+
 def test_bcirc_slices_equal_the_fft_update() -> None:
     group, _ = group_with_random_u(9, 4, 12, 3)
     torch.testing.assert_close(group.delta_slices("bcirc"), group.delta_weight().permute(2, 0, 1))
@@ -133,6 +146,7 @@ def test_count_crosses_over_for_attention_and_not_for_unetr_b_mlp() -> None:
     shape, counts = UNETR_B["mlp_up"]
     assert choose_route(shape, 8, counts, 100_000) == "factored"
     shape, counts = COMPACT["attention"]
-    assert choose_route(shape, 8, counts, 64) == "fft"
+    assert choose_route(shape, 8, counts, 32) == "factored"
+    assert choose_route(shape, 8, counts, 216) == "fft"
     with pytest.raises(ValueError, match=r"site slice counts \[3, 1\] must sum to n3=48"):
         route_costs(shape, 8, [3, 1], 216)

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from .cur import tensor_cur
-from .routes import delta_by_bcirc, delta_by_fft, factored_update, mixing_matrices
+from .factored import factored_update, mixing_matrices, real_fourier_factors
+from .routes import delta_by_bcirc, delta_by_fft
 from .tproduct import t_pinv, to_fourier
 
 __all__ = ["TCURGroup", "TCURLinear"]
@@ -47,13 +48,17 @@ class TCURGroup(nn.Module):
             self.register_buffer(name, value, persistent=False)
 
     def _derived(self) -> dict[str, torch.Tensor]:
-        """C and R as each route reads them (see :mod:`.routes`): Fourier slices, and ``(n3 r) x n1`` / ``n2 x (n3 r)``."""
+        """C and R as each route reads them (see :mod:`.routes`): Fourier slices (fft), ``(n3 r) x n1`` / ``n2 x (n3 r)``
+        (bcirc), and the real Fourier matrices of :func:`.factored.real_fourier_factors` (factored)."""
         rank, n3 = self.rows.numel(), self.c.shape[-1]
+        r_hat, c_hat = real_fourier_factors(self.c, self.r)
         return {
             "c_fourier": to_fourier(self.c).contiguous(),
             "r_fourier": to_fourier(self.r).contiguous(),
             "c_cat": self.c.permute(2, 1, 0).reshape(n3 * rank, -1).contiguous(),
             "r_cat": self.r.permute(1, 2, 0).reshape(-1, n3 * rank).contiguous(),
+            "r_hat": r_hat,
+            "c_hat": c_hat,
         }
 
     @classmethod
@@ -118,7 +123,7 @@ class TCURGroup(nn.Module):
         raise ValueError(f"route {route!r} builds no dense update; expected 'fft' or 'bcirc'.")
 
     def mixing(self) -> torch.Tensor:
-        """What the factored route mixes with: :func:`.routes.mixing_matrices` of ``U - U0``."""
+        """What the factored route mixes with: :func:`.factored.mixing_matrices` of ``U - U0``."""
         return mixing_matrices(self.u - self.u_init)
 
     def update(
@@ -137,7 +142,7 @@ class TCURGroup(nn.Module):
             ``... x ((stop - start) n1)``.
         """
         mixing = self.mixing() if mixing is None else mixing
-        return factored_update(x, self.c_cat, self.r_cat, mixing, start, stop, base)
+        return factored_update(x, self.r_hat, self.c_hat, mixing, start, stop, base)
 
     def extra_repr(self) -> str:
         n1, n2, n3 = self.shape

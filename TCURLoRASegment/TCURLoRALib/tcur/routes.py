@@ -11,10 +11,10 @@ A group ``n1 x n2 x n3`` at rank ``r`` feeds Linear layers ("sites") that each h
 - ``"bcirc"``: the same dense ``ΔW`` by block-circulant matmuls, ``E = D * R`` (``unfold(E) = bcirc(D) unfold(R)``)
   and ``ΔW_k = [C_0 .. C_{n3-1}] [E_k; E_{k-1}; ..; E_{k-n3+1}]``: more multiply-adds than the FFT (``n3 / 2`` times),
   but no transform passes over ``n1 n2 n3`` elements.
-- ``"factored"``: never builds ``ΔW``. Project ``p_t = x R_t^T`` (one ``N x n2 x q`` matmul per site), mix
-  ``s_j = sum_t p_t D_{j-t}^T`` in the Fourier domain (``ŝ_f = p̂_f D̂_f^T``), expand
-  ``y_k += sum_t s_{k-t} C_t^T`` (one ``N c x q x n1`` matmul per site against the frozen ``C``); the base Linear
-  runs as a frozen ``F.linear`` with no weight gradient. The input's gradient gains ``N q n2`` per site.
+- ``"factored"`` (:mod:`.factored`): never builds ``ΔW``. Project ``x`` on ``R``'s Fourier slices (one
+  ``N x n2 x q'`` matmul per site), mix with ``D``'s, expand by ``C``'s (one ``N c x q' x n1`` matmul per site), all
+  in a real Fourier basis (``q' = q`` for even ``n3``, ``q + r`` for odd); the base Linear runs as a frozen
+  ``F.linear`` with no weight gradient. The input's gradient gains ``N q' n2`` per site.
 
 Cost per group and training step (forward + backward, the base's own ``x W^T`` and its input gradient left out,
 since every route pays them), in multiply-adds ("MACs"), with ``F = n3 // 2 + 1``, ``T = n1 n2 n3`` (elements of
@@ -22,13 +22,13 @@ since every route pays them), in multiply-adds ("MACs"), with ``F = n3 // 2 + 1`
 
 - fft: ``N T`` (the weight gradients ``g^T x``) ``+ 8 F r n2 (n1 + r)`` (slice products) ``+ β_fft T``;
 - bcirc: ``N T + 2 r n3 T + 2 r^2 n3^2 n2 + β_bcirc T``;
-- factored: ``sum_s (N q n2 (1 + g) + 2 N c_s q n1) + γ S``, ``g = 1`` when the inputs need a gradient (x-side
-  backward ``N q n2``; autograd skips it where an input needs none, as the first block's).
+- factored: ``sum_s (N q' n2 (1 + g) + 2 N c_s q' n1) + γ S``, ``g = 1`` when the inputs need a gradient (x-side
+  backward ``N q' n2``; autograd skips it where an input needs none, as the first block's).
 
 ``β`` charges the dense routes' passes over the ``T`` elements of ``ΔW`` (transforms, ``W + ΔW``, the gradients,
-each site's slices) and ``γ`` the factored route's small operations per site (transforms of ``N x r x n3``, the
-mixing, gathers), both in MACs at the speed of a large matmul. Without a backward pass the MAC terms of the
-forward remain (``4 F r n2 (n1 + r)``, ``r n3 T + r^2 n3^2 n2``, ``N q n2 + N c_s q n1``) and half of ``β`` and
+each site's slices) and ``γ`` the factored route's small operations per site (the mixing, layout copies), both in
+MACs at the speed of a large matmul. Without a backward pass the MAC terms of the forward remain
+(``4 F r n2 (n1 + r)``, ``r n3 T + r^2 n3^2 n2``, ``N q' n2 + N c_s q' n1``) and half of ``β`` and
 ``γ``. The defaults :data:`BETA_FFT`, :data:`BETA_BCIRC` and :data:`GAMMA_SITE` were fitted to the route timings of
 ``Testing/benchmarks/bench_core.py`` on a 2-core CPU (its route table has them, with the crossovers); a pass over
 memory is slow there against a matmul, so the dense routes pay for every element of ``ΔW`` hundreds of times.
@@ -36,8 +36,8 @@ memory is slow there against a matmul, so the dense routes pay for every element
 Per token and slice the factored route costs about ``2 q (n1 + n2 / c)`` MACs, the dense routes ``n1 n2``. Where
 the first is smaller the factored route wins at every ``N`` (UNETR-B's MLP groups at ``r = 8``: ``q = 96``, 0.74M
 against 2.4M); elsewhere it wins below a crossover, where the dense routes' fixed ``β T`` is not yet paid back
-(UNETR-B's attention, ``q = 384 = h / 2``: 0.88M against 0.59M, crossover about 1,500 tokens by the count, 7 crops
-of 96^3; the compact UNETR's attention, ``q = 384 = 2 h``: 0.22M against 0.04M, crossover a few dozen tokens).
+(UNETR-B's attention, ``q = 384 = h / 2``: 0.88M against 0.59M, crossover about 1,200 tokens by the count, 5-6
+crops of 96^3; the compact UNETR's attention, ``q = 384 = 2 h``: 0.22M against 0.04M, crossover about 90 tokens).
 """
 from __future__ import annotations
 
@@ -46,20 +46,21 @@ from typing import Sequence
 
 import torch
 
+from .factored import fourier_blocks
 from .tproduct import to_fourier
 
 __all__ = ["AUTO", "BETA_BCIRC", "BETA_FFT", "GAMMA_SITE", "ROUTES", "choose_route", "delta_by_bcirc", "delta_by_fft",
-           "factored_update", "mixing_matrices", "route_costs"]
+           "route_costs"]
 
 ROUTES = ("fft", "bcirc", "factored")
 """The routes, see the module docstring."""
 AUTO = "auto"
 """Choose a route per group and forward pass by :func:`choose_route`."""
-BETA_FFT = 800.0
+BETA_FFT = 600.0
 """MACs that one element of ``ΔW`` costs in the fft route's passes over memory (forward and backward)."""
-BETA_BCIRC = 320.0
+BETA_BCIRC = 250.0
 """MACs that one element of ``ΔW`` costs in the bcirc route's passes over memory (forward and backward)."""
-GAMMA_SITE = 5e7
+GAMMA_SITE = 1.5e7
 """MACs that one site costs in the factored route's small operations (forward and backward)."""
 
 
@@ -105,56 +106,6 @@ def delta_by_bcirc(c_cat: torch.Tensor, r_cat: torch.Tensor, core: torch.Tensor)
     return c_cat.T @ rolled
 
 
-def mixing_matrices(core: torch.Tensor) -> torch.Tensor:
-    """The factored route's mixing by ``D`` (``r x r x n3``) as real matrices, one per Fourier slice.
-
-    ``ŝ_f = p̂_f D̂_f^T`` for row vectors ``p̂_f`` of complex numbers is, on interleaved (real, imaginary) pairs,
-    the real product ``[p_re, p_im] @ M_f`` with ``M_f[2b + u, 2a + v]`` the 2 x 2 real form
-    ``[[re, im], [-im, re]]`` of ``D̂_f[a, b]``: one real batched matmul instead of a complex one, which torch runs
-    by copying every batch entry on a CPU.
-
-    Returns:
-        shape ``(n3 // 2 + 1) x 2r x 2r``.
-    """
-    spectrum = to_fourier(core).transpose(-1, -2)  # F x b x a: D̂_f^T
-    re, im = spectrum.real, spectrum.imag
-    blocks = torch.stack([torch.stack([re, im], dim=-1), torch.stack([-im, re], dim=-1)], dim=2)  # F x b x u x a x v
-    rank = core.shape[0]
-    return blocks.reshape(-1, 2 * rank, 2 * rank)
-
-
-def factored_update(
-    x: torch.Tensor, c_cat: torch.Tensor, r_cat: torch.Tensor, mixing: torch.Tensor, start: int, stop: int,
-    base: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``x ΔW_site^T`` for the frontal slices ``start .. stop-1`` without building ``ΔW``.
-
-    Args:
-        x: ``... x n2``.
-        c_cat: ``C`` as ``(n3 r) x n1`` (see :func:`delta_by_bcirc`).
-        r_cat: ``R`` as ``n2 x (n3 r)``.
-        mixing: :func:`mixing_matrices` of ``D = U - U0``.
-        start, stop: the site's slices.
-        base: added to the result in the last matmul (the base Linear's output, shaped like the result).
-
-    Returns:
-        shape ``... x ((stop - start) n1)``: slice ``start``'s outputs first, as a fused Linear's rows are stacked.
-    """
-    n2, q = r_cat.shape
-    n1 = c_cat.shape[1]
-    frequencies, rank = mixing.shape[0], mixing.shape[-1] // 2
-    n3 = q // rank
-    lead = x.shape[:-1]
-    projected = (x.reshape(-1, n2) @ r_cat).view(-1, n3, rank)  # p[n, t] = R_t x_n
-    spectrum = torch.view_as_real(torch.fft.rfft(projected, dim=1).transpose(0, 1)).reshape(frequencies, -1, 2 * rank)
-    mixed_spectrum = torch.view_as_complex((spectrum @ mixing).view(frequencies, -1, rank, 2))  # F x N x r
-    mixed = torch.fft.irfft(mixed_spectrum.transpose(0, 1), n=n3, dim=1)  # N x n3 x r: s_j = sum_t D_{j-t} p_t
-    rolled = mixed[:, circulant_index(n3, start, stop, x.device)].reshape(-1, q)  # (N c) x (n3 r): s_{k - t}
-    if base is None:
-        return (rolled @ c_cat).view(*lead, (stop - start) * n1)
-    return torch.addmm(base.reshape(-1, n1), rolled, c_cat).view(*lead, (stop - start) * n1)
-
-
 def route_costs(
     shape: Sequence[int], rank: int, site_counts: Sequence[int], tokens: int, backward: bool = True,
     input_grad: bool = True,
@@ -178,7 +129,7 @@ def route_costs(
     n1, n2, n3 = shape
     if sum(site_counts) != n3:
         raise ValueError(f"site slice counts {list(site_counts)} must sum to n3={n3}.")
-    f, q, total = n3 // 2 + 1, rank * n3, n1 * n2 * n3
+    f, q, total = n3 // 2 + 1, 2 * rank * fourier_blocks(n3), n1 * n2 * n3
     passes = 2 if backward else 1
     weight_gradients = tokens * total if backward else 0
     fft = weight_gradients + passes * 4 * f * rank * n2 * (n1 + rank) + BETA_FFT * total * passes / 2
