@@ -474,8 +474,9 @@ def headline_table(settings: dict[tuple[str, int, int], list[dict]]) -> list[str
     """tCURLoRA (routes by count) over each other adapter row of the same setting: step time and step peak memory."""
     lines = [
         "| setting | tCURLoRA r=8 vs | trainable params (other / tCURLoRA) | step time ratio (medians) "
-        "| step time ratio (fastest rounds) | step CPU-time ratio | step peak memory ratio |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| step time ratio (fastest rounds) | step time ratio (median of rounds) | step CPU-time ratio "
+        "| step peak memory ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (model, size, batch), rows in settings.items():
         tcur = next((row for row in rows if row["name"].endswith(":auto")), None)
@@ -484,12 +485,13 @@ def headline_table(settings: dict[tuple[str, int, int], list[dict]]) -> list[str
                 continue
             setting = f"{model} {size}^3, batch {batch}"
             if not (complete(tcur) and complete(other)):
-                lines.append(f"| {setting} | {method_name(other['name'])} | failed, see below | | | | |")
+                lines.append(f"| {setting} | {method_name(other['name'])} | failed, see below | | | | | |")
                 continue
             lines.append(
                 f"| {setting} | {method_name(other['name'])} | {other['trainable']:,} / {tcur['trainable']:,} "
                 f"| {ratio(median(tcur['wall_s']), median(other['wall_s']))} "
                 f"| {ratio(min(tcur['wall_s']), min(other['wall_s']))} "
+                f"| {median([a / b for a, b in zip(tcur['wall_s'], other['wall_s'])]):.2f} "
                 f"| {ratio(median(tcur['cpu_s']), median(other['cpu_s']))} "
                 f"| {ratio(tcur['step_peak_mib'], other['step_peak_mib'])} |"
             )
@@ -562,7 +564,9 @@ def header(quick: bool, threads: int | None, peak_reset: bool, load_before: tupl
         "`peft.inject_adapter_in_model` on every qkv, out_proj, linear1, linear2 of the ViT (lora_alpha = r). "
         "Every row also trains decoder5..decoder2 (not the output head); ViT and encoder stay frozen. "
         "Time: all methods of a setting are built in one child and stepped in rounds (order rotated each round); "
-        "median wall clock over the timed rounds; the fastest round is the least disturbed by other load. "
+        "median wall clock over the timed rounds; the fastest round is the least disturbed by other load; the "
+        "median of rounds is the median over rounds of the two methods' ratio within a round (neighbours in time, so "
+        "load that comes and goes over minutes cancels). "
         "CPU time: the child's user + system time over all its threads, which other load inflates far less "
         "(with more than one torch thread, spin-waiting threads still inflate it).",
         "- LoRA ranks: the rank whose adapter count is closest to tCURLoRA's U (r = 1, the smallest possible, still "
