@@ -23,7 +23,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from faults import (Ran, call_cli, events, fill, flip_bytes, read_only_folder, run_cli, run_python, small_filesystem,
+from faults import (Ran, call_cli, events, fill, flip_bytes, read_only_folder, run_python, small_filesystem,
                     tensor_offset)
 from synthetic import make_tiny_base, write_case
 from TCURLoRALib import tensorfiles

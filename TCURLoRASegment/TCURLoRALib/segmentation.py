@@ -275,7 +275,7 @@ def write_probabilities(path: PathLike, probabilities: np.ndarray, geometry: vol
         ValueError: unsupported extension, or an array of another shape.
     """
     path = Path(path)
-    extension = _probability_extension(path)
+    _probability_extension(path)
     probabilities = np.asarray(probabilities)
     expected = (len(labels),) + geometry.shape
     if probabilities.shape != expected:

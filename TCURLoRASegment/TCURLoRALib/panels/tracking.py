@@ -6,7 +6,6 @@ Events are those of :mod:`TCURLoRALib.progress` (one JSON object a line from the
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
