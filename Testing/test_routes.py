@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from TCURLoRALib.tcur import TCURGroup
-from TCURLoRALib.tcur.routes import BETA_BCIRC, BETA_FFT, GAMMA_SITE, ROUTES, choose_route, route_costs
+from TCURLoRALib.tcur.factored import _phases
+from TCURLoRALib.tcur.routes import BETA_BCIRC, BETA_FFT, GAMMA_SITE, ROUTES, choose_route, circulant_index, route_costs
 from tensor_reference import naive_delta, random
 
 SITES = [(0, 3), (3, 4), (4, 7), (2, 5)]
@@ -59,6 +60,22 @@ def test_short_tubes(n3: int) -> None:
         for route in ROUTES:
             torch.testing.assert_close(site_output(group, route, x, start, stop).detach(), expected, rtol=1e-10,
                                        atol=1e-10, msg=f"{route}, slices {start}..{stop}")
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_route_first_used_in_inference_mode_still_trains(route: str) -> None:
+    """Segmenting (under ``torch.inference_mode``) and then training in one process: the routes' cached index and
+    phase tensors, first built during the segmentation, must not be inference tensors (autograd refuses to save
+    those for backward)."""
+    circulant_index.cache_clear()
+    _phases.cache_clear()
+    group, _ = group_with_random_u(6, 5, 8, 2)
+    x = random(2, 4, 5, seed=1)
+    with torch.inference_mode():
+        site_output(group, route, x, 0, 3)
+    output = site_output(group, route, x.clone().requires_grad_(), 0, 3)
+    (gradient,) = torch.autograd.grad(output.square().sum(), [group.u])
+    assert gradient.abs().max() > 0
 
 
 def test_bcirc_slices_equal_the_fft_update() -> None:
