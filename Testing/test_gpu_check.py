@@ -30,8 +30,7 @@ def run_check(*arguments: str, home: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("gpu-check")
-    done = run_check("--device", "cpu", "--quick", "--threads", "1", "--tests-k", "tproduct", "--out", str(out),
-                     home=out / "home")
+    done = run_check("--device", "cpu", "--quick", "--tests-k", "tproduct", "--out", str(out), home=out / "home")
     return done, out
 
 
@@ -48,7 +47,7 @@ def test_quick_cpu_check_passes_with_all_three_parts(quick_run) -> None:
     text = (out / "summary.md").read_text(encoding="utf-8")
     assert text.startswith("## GPU check on `cpu` (--quick): passed")
     assert "### Problems" not in text
-    assert f"torch {torch.__version__}" in text
+    assert f"torch {torch.__version__}" in text and "torch threads 1 in the children" in text  # the CPU default
     assert re.search(r"Wall time: \d+ s in all; tests \d+ s \(budget \d+ s\), steps \d+ s .*, segment \d+ s", text)
 
     # (a) the t-product's device tests on the asked device, counted from pytest's own report
