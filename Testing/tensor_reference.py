@@ -7,7 +7,7 @@ import torch
 def bcirc(a: torch.Tensor) -> torch.Tensor:
     """Block-circulant matrix of ``a`` (n1 x n2 x n3): ``(n3 n1) x (n3 n2)``, block (i, j) = frontal slice (i - j) mod n3."""
     n1, n2, n3 = a.shape
-    out = torch.zeros(n1 * n3, n2 * n3, dtype=a.dtype)
+    out = torch.zeros(n1 * n3, n2 * n3, dtype=a.dtype, device=a.device)
     for i in range(n3):
         for j in range(n3):
             out[i * n1 : (i + 1) * n1, j * n2 : (j + 1) * n2] = a[:, :, (i - j) % n3]

@@ -14,8 +14,8 @@ from TCURLoRALib.tcur import GROUP_NAMES, TCURGroup, TCURLinear, TCURLoRAConfig,
 IMG = TINY_UNETR["img_size"][0]
 
 
-def sample(seed: int = 1) -> torch.Tensor:
-    return torch.randn(2, 1, IMG, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+def sample(seed: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.randn(2, 1, IMG, IMG, IMG, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def vit_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -23,11 +23,13 @@ def vit_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train_steps(model: TCURLoRAModel, steps: int = 3, dtype: torch.dtype = torch.float32) -> None:
-    """``steps`` Adam steps (lr 1e-2, no weight decay) of an MSE loss on a fixed batch, in ``dtype``."""
+    """``steps`` Adam steps (lr 1e-2, no weight decay) of an MSE loss on a fixed batch, in ``dtype``, on the
+    model's device."""
     model.mark_trainable()
+    device = next(model.parameters()).device
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    x = sample(2).to(dtype)
-    target = torch.randn(2, 3, IMG, IMG, IMG, generator=torch.Generator().manual_seed(3)).to(dtype)
+    x = sample(2, device).to(dtype)
+    target = torch.randn(2, 3, IMG, IMG, IMG, generator=torch.Generator().manual_seed(3)).to(device, dtype)
     for _ in range(steps):
         optimizer.zero_grad()
         loss = nn.functional.mse_loss(model(x), target)
@@ -35,10 +37,11 @@ def train_steps(model: TCURLoRAModel, steps: int = 3, dtype: torch.dtype = torch
         optimizer.step()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("init", ["pinv", "zero"])
-def test_output_equals_base_at_init(init: str) -> None:
-    base = tiny_unetr()
-    x = sample()
+def test_output_equals_base_at_init(init: str, device: torch.device) -> None:
+    base = tiny_unetr().to(device)
+    x = sample(device=device)
     with torch.no_grad():
         expected = base(x)
         adapted = TCURLoRAModel(base, TCURLoRAConfig(rank=4, init=init))
@@ -46,10 +49,11 @@ def test_output_equals_base_at_init(init: str) -> None:
     assert all(isinstance(base.get_submodule(site.path), TCURLinear) for sites in adapted.sites.values() for site in sites)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("init", ["pinv", "zero"])
-def test_u_trains_and_base_vit_stays_frozen(init: str) -> None:
-    model = TCURLoRAModel(tiny_unetr(), TCURLoRAConfig(rank=4, init=init))
-    x = sample()
+def test_u_trains_and_base_vit_stays_frozen(init: str, device: torch.device) -> None:
+    model = TCURLoRAModel(tiny_unetr().to(device), TCURLoRAConfig(rank=4, init=init))
+    x = sample(device=device)
     with torch.no_grad():
         before_output = model(x)
     before_vit = vit_state(model)
@@ -93,16 +97,22 @@ def test_both_inits_train_the_same_update(one_torch_thread) -> None:
         assert (updates["zero"][name] - pinv_update).norm() < 1e-9 * pinv_update.norm(), name
 
 
-def test_dtype_and_device_moves_keep_the_fourier_slices() -> None:
+@pytest.mark.gpu
+def test_dtype_and_device_moves_keep_the_fourier_slices(device: torch.device) -> None:
+    """Built and trained on the CPU, then moved to ``--device`` in float64 (and back): the frozen Fourier slices
+    follow the module, so ΔW stays the same."""
     model = TCURLoRAModel(tiny_unetr(), TCURLoRAConfig(rank=4))
     train_steps(model, steps=1)
     expected = {name: group.delta_weight().detach().double() for name, group in model.groups.items()}
-    model.double().to("cpu")
+    model.double().to(device)
     for name, group in model.groups.items():
         assert group.c_fourier.dtype == torch.complex128, name
-        torch.testing.assert_close(group.delta_weight().detach(), expected[name], rtol=1e-4, atol=1e-6)
+        assert group.c_fourier.device.type == device.type, name
+        torch.testing.assert_close(group.delta_weight().detach().cpu(), expected[name], rtol=1e-4, atol=1e-6)
     with torch.no_grad():
-        assert torch.isfinite(model(sample().double())).all()
+        assert torch.isfinite(model(sample(device=device).double())).all()
+    model.to("cpu")
+    assert all(group.c_fourier.device.type == "cpu" for group in model.groups.values())
 
 
 def test_update_changes_output_through_vit_alone() -> None:
@@ -129,11 +139,12 @@ def test_delta_is_computed_once_per_group_and_forward(monkeypatch: pytest.Monkey
     assert len(calls) == 2 * len(GROUP_NAMES)
 
 
-def test_merge_matches_unmerged_and_unmerge_restores_base() -> None:
-    model = TCURLoRAModel(tiny_unetr(), TCURLoRAConfig(rank=4))
+@pytest.mark.gpu
+def test_merge_matches_unmerged_and_unmerge_restores_base(device: torch.device) -> None:
+    model = TCURLoRAModel(tiny_unetr().to(device), TCURLoRAConfig(rank=4))
     original_weights = {name: p.detach().clone() for name, p in model.base.vit.named_parameters()}
     train_steps(model)
-    x = sample()
+    x = sample(device=device)
     with torch.no_grad():
         unmerged = model(x)
         model.merge()

@@ -84,21 +84,24 @@ def test_import_monai_checkpoint_with_wrapper_and_module_prefix(tmp_path: Path) 
     assert not (tmp_path / "never.safetensors").exists()
 
 
-def test_adapter_switching_reproduces_training_outputs_without_reloading(base_path: Path, tmp_path: Path) -> None:
+@pytest.mark.gpu
+def test_adapter_switching_reproduces_training_outputs_without_reloading(base_path: Path, tmp_path: Path,
+                                                                         device: torch.device) -> None:
+    """Adapters trained on the CPU, switched on a session on ``--device``: the outputs saved at training."""
     same_labels = make_adapter_file(base_path, tmp_path / "a.safetensors", LABELS, seed=1)
     new_labels = [LABELS[0], Label(7, "hippocampus", (220, 180, 30))]
     make_adapter_file(base_path, tmp_path / "b.safetensors", new_labels, seed=2, groups=("mlp_down",))
-    session = AdaptedUNETR(load_base(base_path))
-    x = x_sample()
+    session = AdaptedUNETR(load_base(base_path, device))
+    x = x_sample().to(device)
     with torch.no_grad():
         plain = session.model(x)
         assert session.set_adapter(tmp_path / "a.safetensors").name == same_labels.name
-        torch.testing.assert_close(session.model(x), torch.load(tmp_path / "a.expected.pt"), rtol=0, atol=1e-4)
+        torch.testing.assert_close(session.model(x).cpu(), torch.load(tmp_path / "a.expected.pt"), rtol=0, atol=1e-4)
         session.set_adapter(tmp_path / "b.safetensors")
         assert session.labels == new_labels
         out_b = session.model(x)
         assert out_b.shape[1] == 2
-        torch.testing.assert_close(out_b, torch.load(tmp_path / "b.expected.pt"), rtol=0, atol=1e-4)
+        torch.testing.assert_close(out_b.cpu(), torch.load(tmp_path / "b.expected.pt"), rtol=0, atol=1e-4)
         session.set_adapter(None)
         torch.testing.assert_close(session.model(x), plain, rtol=0, atol=1e-5)
         assert session.labels == LABELS

@@ -14,8 +14,9 @@ from tensor_reference import naive_delta, random
 SITES = [(0, 3), (3, 4), (4, 7), (2, 5)]
 
 
-def group_with_random_u(n1: int, n2: int, n3: int, rank: int, seed: int = 0) -> tuple[TCURGroup, torch.Tensor]:
-    weight = random(n1, n2, n3, seed=seed)
+def group_with_random_u(n1: int, n2: int, n3: int, rank: int, seed: int = 0,
+                        device: torch.device | str = "cpu") -> tuple[TCURGroup, torch.Tensor]:
+    weight = random(n1, n2, n3, seed=seed).to(device)
     group = TCURGroup.from_weight(weight, rank)
     with torch.no_grad():
         group.u.copy_(random(rank, rank, n3, seed=seed + 1))
@@ -30,31 +31,34 @@ def site_output(group: TCURGroup, route: str, x: torch.Tensor, start: int, stop:
     return F.linear(x, slices[start:stop].reshape(-1, slices.shape[-1]))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("n3", [7, 8])
 @pytest.mark.parametrize("rank", [1, 3])
 @pytest.mark.parametrize("route", ROUTES)
-def test_site_outputs_and_gradients_equal_the_reference(n3: int, rank: int, route: str) -> None:
-    group, weight = group_with_random_u(6, 5, n3, rank, seed=n3)
+def test_site_outputs_and_gradients_equal_the_reference(n3: int, rank: int, route: str, device: torch.device) -> None:
+    group, weight = group_with_random_u(6, 5, n3, rank, seed=n3, device=device)
     for start, stop in SITES:
-        x = random(2, 4, 5, seed=start + 10).requires_grad_()
+        x = random(2, 4, 5, seed=start + 10).to(device).requires_grad_()
         output = site_output(group, route, x, start, stop)
+        assert output.device.type == device.type
         delta = naive_delta(weight, group.rows, group.cols, group.u - group.u_init)
         expected = x @ torch.cat([delta[:, :, k] for k in range(start, stop)], dim=0).T
         assert output.shape == (2, 4, 6 * (stop - start))
         torch.testing.assert_close(output, expected, rtol=1e-10, atol=1e-10)
-        upstream = random(*output.shape, seed=3)
+        upstream = random(*output.shape, seed=3).to(device)
         got = torch.autograd.grad((output * upstream).sum(), [x, group.u])
         want = torch.autograd.grad((expected * upstream).sum(), [x, group.u])
         for name, a, b in zip(("input", "U"), got, want):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{name}, site {start}..{stop}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("n3", [1, 2, 3, 4])
-def test_short_tubes(n3: int) -> None:
+def test_short_tubes(n3: int, device: torch.device) -> None:
     """Tube lengths where the real Fourier blocks of the factored route degenerate (no pair, Nyquist only, padding)."""
-    group, weight = group_with_random_u(5, 4, n3, 2, seed=n3)
+    group, weight = group_with_random_u(5, 4, n3, 2, seed=n3, device=device)
     delta = naive_delta(weight, group.rows, group.cols, group.u.detach() - group.u_init)
-    x = random(3, 4, seed=1)
+    x = random(3, 4, seed=1).to(device)
     for start, stop in ((0, n3), (n3 - 1, n3)):
         expected = x @ torch.cat([delta[:, :, k] for k in range(start, stop)], dim=0).T
         for route in ROUTES:
@@ -113,21 +117,23 @@ def test_set_route_is_checked_and_auto_follows_the_count() -> None:
         assert model.route("mlp_up", tokens) == expected
 
 
-def test_factored_route_builds_no_update_and_merged_forward_uses_the_base_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.gpu
+def test_factored_route_builds_no_update_and_merged_forward_uses_the_base_alone(monkeypatch: pytest.MonkeyPatch,
+                                                                               device: torch.device) -> None:
     from test_update_value import adapted_pair, image
 
-    _, model = adapted_pair()
+    _, model = adapted_pair(device=device)
     model.set_route("factored")
     monkeypatch.setattr(TCURGroup, "delta_weight", lambda *_: pytest.fail("the factored route built ΔW"))
     monkeypatch.setattr(TCURGroup, "delta_slices", lambda *_: pytest.fail("the factored route built ΔW"))
     with torch.no_grad():
-        unmerged = model(image())
+        unmerged = model(image(device=device))
     monkeypatch.undo()
     model.merge()
     monkeypatch.setattr(TCURGroup, "update", lambda *_: pytest.fail("a merged adapter ran its update"))
     monkeypatch.setattr(TCURGroup, "delta_slices", lambda *_: pytest.fail("a merged adapter ran its update"))
     with torch.no_grad():
-        torch.testing.assert_close(model(image()), unmerged, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model(image(device=device)), unmerged, rtol=1e-10, atol=1e-10)
 
 
 UNETR_B = {"attention": ((768, 768, 48), [3, 1] * 12), "mlp_up": ((3072, 768, 12), [1] * 12),

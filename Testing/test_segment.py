@@ -93,11 +93,13 @@ def random_adapter(base_path: Path, path: Path, labels: list) -> Path:
 # ---------------------------------------------------------------------------------------------------- outputs
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("extension", [".nrrd", ".nii.gz"])
 def test_outputs_lie_on_the_exact_oblique_input_grid(base_path: Path, oblique_image: Path, tmp_path: Path,
-                                                     extension: str) -> None:
+                                                     extension: str, device: torch.device) -> None:
     result = segment(oblique_image, base_path, tmp_path / f"labels{extension}", seg_nrrd_path=tmp_path / "s.seg.nrrd",
-                     probabilities_path=tmp_path / "p.nrrd", device="cpu")
+                     probabilities_path=tmp_path / "p.nrrd", device=device)
+    assert torch.device(result.device).type == device.type
     grid = read_geometry(oblique_image)
     written = read_geometry(result.output_path)
     assert written.size == grid.size
@@ -160,16 +162,19 @@ def test_segment_volume_is_the_same_computation_as_segment(base_path: Path, obli
     ((32, 64, 33), (32, 32, 32), 0.5, 6),   # equal size: 1; step 16: 3; one voxel over: 2
     ((70, 16, 16), (16, 16, 16), 0.0, 5),   # no overlap: starts 0, 16, 32, 48 and 54 (shifted back)
 ])
-def test_window_count_and_gaussian_stitching_of_a_constant(shape, roi, overlap, windows) -> None:
+@pytest.mark.gpu
+def test_window_count_and_gaussian_stitching_of_a_constant(shape, roi, overlap, windows, device: torch.device) -> None:
     calls = []
 
     def constant(windows: torch.Tensor) -> torch.Tensor:
         calls.append(windows.shape[0])
-        return torch.full((windows.shape[0], 2) + tuple(windows.shape[2:]), 3.0)
+        assert windows.device.type == device.type
+        return torch.full((windows.shape[0], 2) + tuple(windows.shape[2:]), 3.0, device=windows.device)
 
     events = []
-    logits = sliding_window_logits(constant, torch.zeros(shape), roi, overlap, sw_batch_size=2,
+    logits = sliding_window_logits(constant, torch.zeros(shape, device=device), roi, overlap, sw_batch_size=2,
                                    progress=lambda event, **fields: events.append((event, fields)))
+    assert logits.device.type == device.type
     assert count_windows(shape, roi, overlap) == windows == sum(calls)
     assert calls == [2] * (windows // 2) + [1] * (windows % 2)
     assert events[0] == ("start", {"task": "segment", "total": windows})
@@ -209,22 +214,25 @@ def test_cancel_during_inference_writes_nothing(base_path: Path, tmp_path: Path,
 # ---------------------------------------------------------------------------------------------------- adapters
 
 
-def test_adapter_session_without_adapter_equals_base(base_path: Path, oblique_image: Path) -> None:
+@pytest.mark.gpu
+def test_adapter_session_without_adapter_equals_base(base_path: Path, oblique_image: Path,
+                                                     device: torch.device) -> None:
     image = sitk.ReadImage(str(oblique_image))
     array, grid = sitk.GetArrayFromImage(image), volumes.Geometry.from_image(image)
-    plain = segment_volume(array, grid, load_base(base_path), with_probabilities=True)
-    session = segment_volume(array, grid, AdaptedUNETR(load_base(base_path)), with_probabilities=True)
+    plain = segment_volume(array, grid, load_base(base_path, device), with_probabilities=True)
+    session = segment_volume(array, grid, AdaptedUNETR(load_base(base_path, device)), with_probabilities=True)
     np.testing.assert_array_equal(session.labels, plain.labels)
     np.testing.assert_allclose(session.probabilities, plain.probabilities, rtol=0, atol=1e-6)
 
 
+@pytest.mark.gpu
 def test_adapter_is_merged_for_the_call_and_the_base_restored(base_path: Path, oblique_image: Path,
-                                                              tmp_path: Path) -> None:
+                                                              tmp_path: Path, device: torch.device) -> None:
     labels = [BASE_LABELS[0], TARGET]
     adapter = random_adapter(base_path, tmp_path / "target.safetensors", labels)
     image = sitk.ReadImage(str(oblique_image))
     array, grid = sitk.GetArrayFromImage(image), volumes.Geometry.from_image(image)
-    base = load_base(base_path)
+    base = load_base(base_path, device)
     before = {name: value.clone() for name, value in base.model.state_dict().items()}
     with_adapter = segment_volume(array, grid, base, adapter_path=adapter, with_probabilities=True)
     assert with_adapter.label_set == tuple(labels)
@@ -235,7 +243,7 @@ def test_adapter_is_merged_for_the_call_and_the_base_restored(base_path: Path, o
     for name, value in before.items():
         torch.testing.assert_close(after[name], value, rtol=0, atol=1e-5, msg=name)
 
-    session = AdaptedUNETR(load_base(base_path))
+    session = AdaptedUNETR(load_base(base_path, device))
     session.set_adapter(adapter)
     merged = segment_volume(array, grid, session, with_probabilities=True)
     np.testing.assert_array_equal(merged.labels, with_adapter.labels)

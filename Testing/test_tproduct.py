@@ -1,4 +1,6 @@
-"""t-product against an independent block-circulant reference, and its algebraic identities."""
+"""t-product against an independent block-circulant reference, and its algebraic identities.
+
+The tests marked ``gpu`` run the t-product on ``--device`` (default cpu) against the reference on the CPU."""
 from __future__ import annotations
 
 import pytest
@@ -8,15 +10,19 @@ from TCURLoRALib.tcur import t_identity, t_pinv, t_product, t_transpose
 from tensor_reference import bcirc, naive_t_product, random
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("n3", [1, 4, 5, 12])
-def test_t_product_matches_block_circulant_reference(n3: int) -> None:
+def test_t_product_matches_block_circulant_reference(n3: int, device: torch.device) -> None:
     a, b = random(3, 4, n3, seed=1), random(4, 2, n3, seed=2)
-    torch.testing.assert_close(t_product(a, b), naive_t_product(a, b), rtol=1e-12, atol=1e-12)
+    product = t_product(a.to(device), b.to(device))
+    assert product.device.type == device.type
+    torch.testing.assert_close(product.cpu(), naive_t_product(a, b), rtol=1e-12, atol=1e-12)
 
 
-def test_t_product_is_batched_and_broadcasts() -> None:
+@pytest.mark.gpu
+def test_t_product_is_batched_and_broadcasts(device: torch.device) -> None:
     a, b = random(2, 3, 5, 4, 6), random(4, 2, 6, seed=3)
-    product = t_product(a, b)
+    product = t_product(a.to(device), b.to(device)).cpu()
     assert product.shape == (2, 3, 5, 2, 6)
     for i in range(2):
         for j in range(3):
@@ -43,10 +49,12 @@ def test_transpose_reverses_products(n3: int) -> None:
     torch.testing.assert_close(bcirc(t_transpose(a)), bcirc(a).T)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(5, 3, 4), (3, 5, 7), (4, 4, 6)])
-def test_pinv_meets_moore_penrose_conditions(shape: tuple[int, int, int]) -> None:
-    a = random(*shape)
+def test_pinv_meets_moore_penrose_conditions(shape: tuple[int, int, int], device: torch.device) -> None:
+    a = random(*shape).to(device)
     a_pinv = t_pinv(a)
+    assert a_pinv.device.type == device.type
     assert a_pinv.shape == (shape[1], shape[0], shape[2])
     torch.testing.assert_close(t_product(t_product(a, a_pinv), a), a)
     torch.testing.assert_close(t_product(t_product(a_pinv, a), a_pinv), a_pinv)
@@ -60,9 +68,10 @@ def test_pinv_of_invertible_tensor_is_its_inverse() -> None:
     torch.testing.assert_close(t_product(a, t_pinv(a)), t_identity(4, 5, dtype=torch.float64))
 
 
-def test_t_product_is_differentiable() -> None:
-    a = random(3, 2, 5).requires_grad_()
-    b = random(2, 3, 5, seed=1).requires_grad_()
+@pytest.mark.gpu
+def test_t_product_is_differentiable(device: torch.device) -> None:
+    a = random(3, 2, 5).to(device).requires_grad_()
+    b = random(2, 3, 5, seed=1).to(device).requires_grad_()
     assert torch.autograd.gradcheck(t_product, (a, b))
 
 

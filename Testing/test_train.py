@@ -50,13 +50,15 @@ def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- end to end
 
 
-def test_adapter_learns_a_label_the_base_never_saw(data: dict, tmp_path: Path) -> None:
+@pytest.mark.gpu
+def test_adapter_learns_a_label_the_base_never_saw(data: dict, tmp_path: Path, device: torch.device) -> None:
     """Honest baseline: the starting state, i.e. the frozen base with a fresh untrained head for the new label set
     (the base itself has no "target" output at all). Both Dice values are on a case that is not trained on, and
     validate_every > steps, so no state was chosen by it but the final one or the start (best_step says which)."""
     card = train_adapter(data["base"], data["cases"][:2], TARGET_LABELS, tmp_path / "target.safetensors", steps=12,
                          lr=1e-2, batch_size=1, unmapped="background", validation=[data["cases"][2]],
-                         validate_every=1000, seed=0)
+                         validate_every=1000, seed=0, device=str(device))
+    assert torch.device(card.training["device"]).type == device.type
     validation = card.metrics["validation"]
     before, after = validation["initial"]["dice"]["target"], validation["dice"]["target"]
     assert validation["step"] == 12 and after > 0.4 and after > before + 0.3, (before, after)
@@ -81,19 +83,21 @@ def test_adapter_learns_a_label_the_base_never_saw(data: dict, tmp_path: Path) -
         assert all(float(group.delta_weight().abs().max()) > 0 for group in adapted.adapter.groups.values())
 
 
-def test_u_receives_a_gradient_from_the_training_loss(data: dict) -> None:
-    base = load_base(data["base"])
+@pytest.mark.gpu
+def test_u_receives_a_gradient_from_the_training_loss(data: dict, device: torch.device) -> None:
+    base = load_base(data["base"], device)
     model = TCURLoRAModel(base.model, TCURLoRAConfig(rank=4))
     model.mark_trainable(train_head=False)
-    target = torch.from_numpy(case_arrays(0)[1][:32, :32, :32].astype(np.int64)).clamp(max=2)[None]
-    masked_dice_ce(model(torch.randn(1, 1, 32, 32, 32)), target).backward()
+    target = torch.from_numpy(case_arrays(0)[1][:32, :32, :32].astype(np.int64)).clamp(max=2)[None].to(device)
+    masked_dice_ce(model(torch.randn(1, 1, 32, 32, 32, device=device)), target).backward()
     for name, group in model.groups.items():
         assert group.u.grad is not None and float(group.u.grad.abs().max()) > 0, name
 
 
-def test_same_seed_gives_a_bit_identical_adapter(data: dict, tmp_path: Path) -> None:
+@pytest.mark.gpu
+def test_same_seed_gives_a_bit_identical_adapter(data: dict, tmp_path: Path, device: torch.device) -> None:
     settings = dict(unmapped="background", validation="none", steps=2, seed=3, groups=["attention"], rank=4,
-                    threads=1)
+                    threads=1, device=str(device))
     for name in ("a", "b"):
         train_adapter(data["base"], data["cases"][:2], TARGET_LABELS, tmp_path / f"{name}.safetensors", **settings)
     first, second = adapter_tensors(tmp_path / "a.safetensors"), adapter_tensors(tmp_path / "b.safetensors")

@@ -107,20 +107,21 @@ def adapted_weights(base: nn.Module, model: TCURLoRAModel) -> dict[str, torch.Te
     return weights
 
 
-def adapted_pair(rank: int = 3) -> tuple[nn.Module, TCURLoRAModel]:
-    """A frozen reference copy of a tiny float64 UNETR and the same UNETR adapted, with U random on every group."""
-    reference = tiny_unetr()
+def adapted_pair(rank: int = 3, device: torch.device | str = "cpu") -> tuple[nn.Module, TCURLoRAModel]:
+    """A frozen reference copy of a tiny float64 UNETR and the same UNETR adapted (on ``device``), with U random on
+    every group."""
+    reference = tiny_unetr().to(device)
     model = TCURLoRAModel(copy.deepcopy(reference), TCURLoRAConfig(rank=rank))
     reference.requires_grad_(False)
     model.requires_grad_(False)
     with torch.no_grad():
         for index, group in enumerate(model.groups.values()):
-            group.u.copy_(group.u_init + 0.3 * random(*group.u.shape, seed=20 + index))
+            group.u.copy_(group.u_init + 0.3 * random(*group.u.shape, seed=20 + index).to(device))
     return reference, model
 
 
-def image(seed: int = 5) -> torch.Tensor:
-    return random(2, 1, IMG, IMG, IMG, seed=seed)
+def image(seed: int = 5, device: torch.device | str = "cpu") -> torch.Tensor:
+    return random(2, 1, IMG, IMG, IMG, seed=seed).to(device)
 
 
 def test_every_adapted_linear_gets_its_slices_of_the_update() -> None:
@@ -133,20 +134,22 @@ def test_every_adapted_linear_gets_its_slices_of_the_update() -> None:
         torch.testing.assert_close(merged, weight, rtol=1e-10, atol=1e-10, msg=path)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("route", ["fft", "bcirc", "factored", "auto"])
-def test_output_and_gradients_match_the_reference_weights(route: str) -> None:
+def test_output_and_gradients_match_the_reference_weights(route: str, device: torch.device) -> None:
     """Forward and backward of the unmerged adapter, on each route, against a plain UNETR run with the reference
     weights: the output, the gradient of every U and the gradient of the input."""
-    reference, model = adapted_pair()
+    reference, model = adapted_pair(device=device)
     model.set_route(route)
     for group in model.groups.values():
         group.u.requires_grad_(True)
-    x_model = image().requires_grad_()
-    x_reference = image().requires_grad_()
+    x_model = image(device=device).requires_grad_()
+    x_reference = image(device=device).requires_grad_()
     output = model(x_model)
+    assert output.device.type == device.type
     expected = functional_call(reference, adapted_weights(reference, model), (x_reference,))
     torch.testing.assert_close(output, expected, rtol=1e-9, atol=1e-9)
-    upstream = random(*output.shape, seed=9)
+    upstream = random(*output.shape, seed=9).to(device)
     grads = torch.autograd.grad((output * upstream).sum(), [x_model, *[g.u for g in model.groups.values()]])
     expected_grads = torch.autograd.grad((expected * upstream).sum(), [x_reference, *[g.u for g in model.groups.values()]])
     for name, got, want in zip(["input", *model.groups], grads, expected_grads):

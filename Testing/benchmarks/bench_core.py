@@ -158,6 +158,7 @@ def measure_routes(spec: dict) -> dict:
 
 
 def build_unetr(model: str, size: int):
+    """A MONAI UNETR of ``model``'s ViT sizes (:data:`MODELS`) for ``size^3`` crops, seeded, on the CPU."""
     import torch
     from monai.networks.nets import UNETR
 
@@ -170,13 +171,18 @@ def numel(parameters) -> int:
 
 
 def parse_method(name: str) -> tuple[str, int, str]:
-    """``"tcur:8:auto"`` -> ``("tcur", 8, "auto")``; ``"lora:1"`` -> ``("lora", 1, "")``; ``"frozen:0"``."""
+    """``"tcur:8:auto"`` -> ``("tcur", 8, "auto")``; ``"lora:1"`` -> ``("lora", 1, "")``; ``"frozen:0"``,
+    ``"full:0"``."""
     method, rank, *route = name.split(":")
     return method, int(rank), (route[0] if route else "")
 
 
 def prepare(method: str, rank: int, unetr, route: str = "auto"):
-    """Wrap ``unetr`` for ``method`` (tCURLoRA on ``route``) and set what trains; return ``(model, counts)``."""
+    """Wrap ``unetr`` for ``method`` (tCURLoRA on ``route``) and set what trains; return ``(model, counts)``.
+
+    Methods: ``tcur`` (U of every group + decoder5..2), ``lora`` (peft on the ViT Linear layers + decoder5..2),
+    ``frozen`` (decoder5..2 only), ``full`` (every parameter; ``adapter`` counts all but the decoder blocks).
+    """
     from torch import nn
 
     from TCURLoRALib.tcur import DECODER_BLOCKS
@@ -209,8 +215,12 @@ def prepare(method: str, rank: int, unetr, route: str = "auto"):
         for block in decoder:
             block.requires_grad_(True)
         adapter = 0
+    elif method == "full":
+        model = unetr
+        model.requires_grad_(True)
+        adapter = numel(model.parameters()) - decoder_count
     else:
-        raise ValueError(f"unknown method {method!r}; expected 'tcur', 'lora' or 'frozen'.")
+        raise ValueError(f"unknown method {method!r}; expected 'tcur', 'lora', 'frozen' or 'full'.")
     trainable = numel(p for p in model.parameters() if p.requires_grad)
     if trainable != adapter + decoder_count:
         raise ValueError(f"{method}: {trainable} trainable parameters, expected adapter {adapter} + decoder {decoder_count}.")
@@ -219,23 +229,33 @@ def prepare(method: str, rank: int, unetr, route: str = "auto"):
 
 def training_step(spec: dict, name: str) -> tuple[Callable[[], None], dict]:
     """A fresh UNETR of ``spec``'s model and size, prepared for method ``name`` (see :func:`parse_method`); its
-    step function (batch ``spec["batch"]``) and counts."""
+    step function (batch ``spec["batch"]``) and counts.
+
+    Optional keys of ``spec``: ``device`` (default ``"cpu"``; the model is built and prepared on the CPU, then
+    moved, so that every method starts from the same weights), ``autocast`` (``"bfloat16"`` or ``"float16"``:
+    forward and loss under ``torch.autocast`` of that dtype, weights and optimiser in float32; default none).
+    """
     import torch
     from monai.losses import DiceCELoss
 
     size, batch = spec["size"], spec["batch"]
+    device = torch.device(spec.get("device", "cpu"))
+    autocast = spec.get("autocast")
     method, rank, route = parse_method(name)
     model, counts = prepare(method, rank, build_unetr(spec["model"], size), route or "auto")
-    model.train()
+    model.to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
-    image = torch.randn(batch, 1, size, size, size, generator=torch.Generator().manual_seed(1))
+    image = torch.randn(batch, 1, size, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, size)] * 3, indexing="ij"))
     label = (grid.square().sum(0) < 0.4).float()[None, None].expand(batch, -1, -1, -1, -1)  # a ball: both classes
+    label = label.to(device)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_function(model(image), label).backward()
+        with torch.autocast(device.type, dtype=getattr(torch, autocast or "float32"), enabled=autocast is not None):
+            loss = loss_function(model(image), label)
+        loss.backward()
         optimizer.step()
 
     return step, counts
@@ -436,6 +456,8 @@ def method_name(name: str) -> str:
         return f"tCURLoRA r={rank}" + (", routes by count" if route == "auto" else f", {route} route")
     if method == "lora":
         return f"LoRA (peft) r={rank}"
+    if method == "full":
+        return "full fine-tuning"
     return "frozen ViT, decoder only"
 
 
