@@ -76,15 +76,15 @@ def delta_by_fft(c_fourier: torch.Tensor, r_fourier: torch.Tensor, core: torch.T
     return torch.fft.irfft(spectrum.permute(1, 2, 0), n=n3, dim=-1)
 
 
-@functools.lru_cache(maxsize=512)
-def circulant_index(n3: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
-    """``index[i, t] = (start + i - t) mod n3``, shape ``(stop - start) x n3``: the slices that meet slice ``t`` of
-    the left factor in output slice ``start + i`` of a t-product. Cached (read only): every forward pass asks again.
-    Built outside inference mode even when first asked inside it (segmentation), so that a later training pass in the
-    same process may save it for backward."""
+@functools.lru_cache(maxsize=64)
+def circulant_index(n3: int, device: torch.device) -> torch.Tensor:
+    """``index[k, t] = (k - t) mod n3``, shape ``n3 x n3``: the slice that meets slice ``t`` of the left factor in
+    output slice ``k`` of a t-product. Cached (read only): every forward pass asks again. Built outside inference
+    mode even when first asked inside it (segmentation), so that a later training pass in the same process may save
+    it for backward."""
     with torch.inference_mode(False):
-        outputs = torch.arange(start, stop, device=device)[:, None]
-        return (outputs - torch.arange(n3, device=device)[None, :]) % n3
+        slices = torch.arange(n3, device=device)
+        return (slices[:, None] - slices[None, :]) % n3
 
 
 def delta_by_bcirc(c_cat: torch.Tensor, r_cat: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ def delta_by_bcirc(c_cat: torch.Tensor, r_cat: torch.Tensor, core: torch.Tensor)
     """
     rank, _, n3 = core.shape
     n2 = r_cat.shape[0]
-    index = circulant_index(n3, 0, n3, core.device)
+    index = circulant_index(n3, core.device)
     # bcirc(D): block (i, t) = D_{i - t}; unfold(E) = bcirc(D) unfold(R), E = D * R.
     bcirc_core = core.permute(2, 0, 1)[index].permute(0, 2, 1, 3).reshape(n3 * rank, n3 * rank)
     e_slices = (bcirc_core @ r_cat.T).view(n3, rank, n2)
