@@ -289,6 +289,21 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def start_peak_rss() -> tuple[float, bool]:
+    """Once a model is built: collect, trim the heap, take the resident set (MiB) and reset the kernel's peak mark;
+    ``(RSS, whether the mark was reset)``. :func:`peak_rss` then reads what the steps added."""
+    import psutil
+
+    gc.collect()
+    release_free_heap()
+    return psutil.Process().memory_info().rss / 2**20, reset_peak_rss()
+
+
+def peak_rss() -> float:
+    """This process's peak resident set since :func:`start_peak_rss` (or since it started), MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
 def measure_memory(spec: dict) -> dict:
     """Peak memory of one method's training steps, alone in this process; MiB.
 
@@ -296,16 +311,11 @@ def measure_memory(spec: dict) -> dict:
     settings, would stay resident and be reused by the steps unseen. So: build, trim the heap, take the RSS, reset
     the peak mark, run the steps, read the peak.
     """
-    import psutil
-
     step, counts = training_step(spec, spec["method"])
-    gc.collect()
-    release_free_heap()
-    rss_built = psutil.Process().memory_info().rss / 2**20
-    peak_reset = reset_peak_rss()
+    rss_built, peak_reset = start_peak_rss()
     for _ in range(spec["steps"]):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+    peak = peak_rss()
     return {"rss_built_mib": rss_built, "peak_mib": peak, "step_peak_mib": peak - rss_built, "peak_reset": peak_reset, **counts}
 
 

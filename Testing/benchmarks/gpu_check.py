@@ -31,7 +31,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -99,18 +98,14 @@ def _one_method(spec: dict, name: str, autocast: str | None, device) -> dict:
 
     cuda = device.type == "cuda"
     step, counts = bench_core.training_step({**spec, "batch": 1, "autocast": autocast}, name)
-    gc.collect()
     if cuda:
+        gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        built = torch.cuda.memory_allocated(device)
+        built_mib = torch.cuda.memory_allocated(device) / 2**20
     else:
-        import psutil
-
-        bench_core.release_free_heap()
-        built = psutil.Process().memory_info().rss
-        peak_reset = bench_core.reset_peak_rss()
+        built_mib, peak_reset = bench_core.start_peak_rss()
     for _ in range(spec["warmup"]):
         step()
     seconds = []
@@ -123,10 +118,10 @@ def _one_method(spec: dict, name: str, autocast: str | None, device) -> dict:
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)
     if cuda:
-        peak: float | None = torch.cuda.max_memory_allocated(device)
+        peak_mib: float | None = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0 if peak_reset else None  # KiB on Linux
-    return {"seconds": seconds, "built_mib": built / 2**20, "peak_mib": None if peak is None else peak / 2**20,
+        peak_mib = bench_core.peak_rss() if peak_reset else None
+    return {"seconds": seconds, "built_mib": built_mib, "peak_mib": peak_mib,
             "memory": "cuda max_memory_allocated" if cuda else "peak RSS", **counts}
 
 
