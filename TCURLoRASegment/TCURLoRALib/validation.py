@@ -9,7 +9,8 @@ The automatic split (``--validation auto``, the default), with N training cases 
 
 A state is scored by the Dice of each foreground label (:func:`metrics.dice`, whose rule gives 1.0 to a label absent
 from both the case and the prediction) over the annotated voxels of full-volume sliding-window inference on the
-model grid (the segmentation's own path, :func:`segmentation.sliding_window_logits`), averaged over the validation cases.
+model grid (the segmentation's own path, :func:`segmentation.sliding_window_logits`), averaged over the validation
+cases.
 """
 from __future__ import annotations
 

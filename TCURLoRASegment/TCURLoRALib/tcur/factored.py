@@ -84,7 +84,8 @@ def _phases(n3: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Te
         slices = torch.arange(n3, dtype=torch.float64)
         angles = 2 * math.pi * blocks[:, None] * slices[None, :] / n3
         signs = torch.where(slices % 2 == 0, 1.0, -1.0)
-        return tuple(t.to(device=device, dtype=dtype) for t in (angles.cos(), angles.sin(), signs))  # type: ignore[return-value]
+        parts = (angles.cos(), angles.sin(), signs)
+        return tuple(part.to(device=device, dtype=dtype) for part in parts)  # type: ignore[return-value]
 
 
 def mixing_matrices(core: torch.Tensor) -> torch.Tensor:
