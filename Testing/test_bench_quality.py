@@ -139,3 +139,20 @@ def test_label_scores_on_the_cropped_box_equal_the_whole_volume():
         assert scores[item.name]["predicted"] == item.prediction_voxels
     empty = bench.label_scores(np.zeros_like(reference), np.zeros_like(reference), spacing, LABELS)
     assert empty["left x"]["dice"] == 1.0 and empty["left x"]["hd95"] is None
+
+
+def test_test_time_mirroring_maps_the_mirrored_prediction_back_with_the_sides_swapped():
+    """A 'network' that calls every bright voxel 'left x': on the mirrored image it finds the structure mirrored;
+    mirrored back and swapped, that is the same voxels called 'right x'."""
+    def network(batch: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(batch), 10 * batch, torch.zeros_like(batch)], dim=1)
+
+    image = np.zeros((32, 32, 32), np.float32)
+    image[4:9, 10:14, 3:7] = 1.0   # asymmetric along every axis
+    direct = bench.probabilities(network, image, (32, 32, 32), torch.device("cpu"))
+    mirrored = bench.mirrored_probabilities(network, image, (32, 32, 32), torch.device("cpu"), "RAS", [(1, 2)])
+    bright = image > 0
+    assert direct.shape == mirrored.shape == (3, 32, 32, 32)
+    assert np.all(direct.argmax(0)[bright] == 1) and np.all(direct.argmax(0)[~bright] != 1)
+    np.testing.assert_allclose(mirrored[2], direct[1], atol=1e-6)
+    np.testing.assert_allclose(mirrored[1], direct[2], atol=1e-6)

