@@ -60,7 +60,8 @@ def check_pairs(pairs: Sequence[Sequence[int]], n_channels: int) -> list[Pair]:
             raise ValueError(f"a left/right pair must be two channel indices, got {pair!r}")
         a, b = int(items[0]), int(items[1])
         if a == b or not (0 < a < n_channels and 0 < b < n_channels):
-            raise ValueError(f"left/right pair {pair!r}: needs two different foreground channels in 1..{n_channels - 1}")
+            raise ValueError(f"left/right pair {pair!r}: needs two different foreground channels in "
+                             f"1..{n_channels - 1}")
         if a in seen or b in seen:
             raise ValueError(f"left/right pair {pair!r}: channel {a if a in seen else b} is already in another pair")
         seen.update((a, b))

