@@ -27,10 +27,16 @@ def tiny_card_fields(name: str = "tiny") -> dict:
             "metrics": {}}
 
 
+def tiny_unetr(seed: int = 0, out_channels: int = 3, feature_size: int = TINY_UNETR["feature_size"]) -> UNETR:
+    """The tiny UNETR of the test base (:data:`TINY_UNETR`), randomly initialised from ``seed``, in eval mode."""
+    torch.manual_seed(seed)
+    fields = {**TINY_UNETR, "out_channels": out_channels, "feature_size": feature_size}
+    return UNETR(**{**fields, "img_size": tuple(TINY_UNETR["img_size"])}).eval()
+
+
 def make_tiny_base(path: Path, seed: int = 0, name: str = "tiny") -> Path:
     """Write a randomly initialised tiny UNETR base file (3 labels) to ``path``."""
-    torch.manual_seed(seed)
-    save_base(path, UNETR(**{**TINY_UNETR, "img_size": (32, 32, 32)}), tiny_card_fields(name))
+    save_base(path, tiny_unetr(seed), tiny_card_fields(name))
     return path
 
 

@@ -1,40 +1,30 @@
 """Base-model files, adapter files on a base, switching adapters, and their errors."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
-from monai.networks.nets import UNETR
 
-from TCURLoRALib import files
+from synthetic import BASE_LABELS as LABELS
+from synthetic import make_tiny_base, tiny_card_fields, tiny_unetr
+from TCURLoRALib import files, tensorfiles
 from TCURLoRALib.adapter import AdaptedUNETR, attach_head, read_adapter, save_adapter
 from TCURLoRALib.basemodel import import_checkpoint, load_base, save_base
 from TCURLoRALib.cards import AdapterCard, AdapterMismatchError, Label
 from TCURLoRALib.tcur import TCURLoRAConfig, TCURLoRAModel
 
-UNETR_ARGS = {"in_channels": 1, "out_channels": 3, "img_size": [32, 32, 32], "feature_size": 8, "hidden_size": 48,
-              "mlp_dim": 96, "num_heads": 4}
-LABELS = [Label(0, "background", (0, 0, 0)), Label(1, "grey matter", (200, 200, 200)), Label(2, "white matter", (250, 250, 225))]
-
-
-def card_fields(name: str = "tiny") -> dict:
-    return {"name": name, "unetr": UNETR_ARGS, "spacing": [2.0, 2.0, 2.0], "orientation": "RAS",
-            "patch_size": [32, 32, 32], "intensity": {"kind": "zscore_nonzero"},
-            "labels": [label.to_json() for label in LABELS], "provenance": {"test": True}, "metrics": {}}
-
-
-def make_base(path: Path, seed: int = 0, name: str = "tiny") -> None:
-    torch.manual_seed(seed)
-    save_base(path, UNETR(**{**UNETR_ARGS, "img_size": (32, 32, 32)}), card_fields(name))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def x_sample() -> torch.Tensor:
     return torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(5))
 
 
-def train_adapter(base_path: Path, out: Path, labels: list[Label], seed: int = 0, groups=("attention", "mlp_up")) -> AdapterCard:
+def make_adapter_file(base_path: Path, out: Path, labels: list[Label], seed: int = 0,
+                      groups=("attention", "mlp_up")) -> AdapterCard:
+    """Two optimiser steps on a random input (not ``train.train_adapter``): an adapter file whose expected output on
+    :func:`x_sample` is saved beside it, for tests of the file format and of switching adapters."""
     base = load_base(base_path)
     head = labels != base.card.labels
     if head:
@@ -60,47 +50,44 @@ def train_adapter(base_path: Path, out: Path, labels: list[Label], seed: int = 0
 
 @pytest.fixture()
 def base_path(tmp_path: Path) -> Path:
-    path = tmp_path / "base.safetensors"
-    make_base(path)
-    return path
+    return make_tiny_base(tmp_path / "base.safetensors")
 
 
 def test_base_round_trip_is_frozen_and_fingerprinted(base_path: Path) -> None:
     base = load_base(base_path)
     assert not base.model.training
     assert not any(p.requires_grad for p in base.model.parameters())
-    assert base.card.fingerprint == files.fingerprint({k: v for k, v in base.model.state_dict().items()})
+    assert base.card.fingerprint == tensorfiles.fingerprint({k: v for k, v in base.model.state_dict().items()})
     assert base.card.labels == LABELS
 
 
 def test_edited_base_weights_are_refused(base_path: Path, tmp_path: Path) -> None:
-    tensors, card = files.load(base_path, "base")
+    tensors, card = tensorfiles.load(base_path, "base")
     tensors["vit.norm.weight"] = tensors["vit.norm.weight"] + 1
-    files.save_atomic(tmp_path / "edited.safetensors", tensors, card, kind="base")
+    tensorfiles.save_atomic(tmp_path / "edited.safetensors", tensors, card, kind="base")
     with pytest.raises(files.TCURLoRAFileError, match="do not match the fingerprint of its card"):
         load_base(tmp_path / "edited.safetensors")
 
 
 def test_import_monai_checkpoint_with_wrapper_and_module_prefix(tmp_path: Path) -> None:
-    torch.manual_seed(3)
-    unetr = UNETR(**{**UNETR_ARGS, "img_size": (32, 32, 32)}).eval()
+    unetr = tiny_unetr(seed=3)
     checkpoint = {"state_dict": {f"module.{k}": v for k, v in unetr.state_dict().items()}, "epoch": 7}
     torch.save(checkpoint, tmp_path / "model.pt")
-    card = import_checkpoint(tmp_path / "model.pt", card_fields("imported"), tmp_path / "imported.safetensors")
+    card = import_checkpoint(tmp_path / "model.pt", tiny_card_fields("imported"), tmp_path / "imported.safetensors")
     base = load_base(tmp_path / "imported.safetensors")
     assert base.card.fingerprint == card.fingerprint
     with torch.no_grad():
         torch.testing.assert_close(base.model(x_sample()), unetr(x_sample()))
     torch.save({"model": {"bogus.weight": torch.zeros(2)}}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"do not fit the UNETR of its card: missing \['decoder2"):
-        import_checkpoint(tmp_path / "bad.pt", card_fields(), tmp_path / "never.safetensors")
+        import_checkpoint(tmp_path / "bad.pt", tiny_card_fields(), tmp_path / "never.safetensors")
     assert not (tmp_path / "never.safetensors").exists()
 
 
 def test_adapter_switching_reproduces_training_outputs_without_reloading(base_path: Path, tmp_path: Path) -> None:
-    same_labels = train_adapter(base_path, tmp_path / "a.safetensors", LABELS, seed=1)
+    same_labels = make_adapter_file(base_path, tmp_path / "a.safetensors", LABELS, seed=1)
     new_labels = [LABELS[0], Label(7, "hippocampus", (220, 180, 30))]
-    train_adapter(base_path, tmp_path / "b.safetensors", new_labels, seed=2, groups=("mlp_down",))
+    make_adapter_file(base_path, tmp_path / "b.safetensors", new_labels, seed=2, groups=("mlp_down",))
     session = AdaptedUNETR(load_base(base_path))
     x = x_sample()
     with torch.no_grad():
@@ -119,9 +106,9 @@ def test_adapter_switching_reproduces_training_outputs_without_reloading(base_pa
 
 def test_adapter_for_another_base_is_refused_and_state_kept(base_path: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.safetensors"
-    make_base(other, seed=9, name="other base")
-    train_adapter(other, tmp_path / "foreign.safetensors", LABELS)
-    train_adapter(base_path, tmp_path / "mine.safetensors", LABELS)
+    make_tiny_base(other, seed=9, name="other base")
+    make_adapter_file(other, tmp_path / "foreign.safetensors", LABELS)
+    make_adapter_file(base_path, tmp_path / "mine.safetensors", LABELS)
     session = AdaptedUNETR(load_base(base_path))
     session.set_adapter(tmp_path / "mine.safetensors")
     with pytest.raises(AdapterMismatchError, match=r"trained on base model 'other base' \(fingerprint [0-9a-f]{64}\), but the loaded base model is 'tiny'"):
@@ -131,15 +118,15 @@ def test_adapter_for_another_base_is_refused_and_state_kept(base_path: Path, tmp
 
 def test_truncated_or_tampered_adapter_is_refused(base_path: Path, tmp_path: Path) -> None:
     path = tmp_path / "a.safetensors"
-    train_adapter(base_path, path, LABELS)
+    make_adapter_file(base_path, path, LABELS)
     base = load_base(base_path)
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(files.TCURLoRAFileError, match="truncated"):
         read_adapter(tmp_path / "cut.safetensors", base)
-    tensors, card = files.load(path, "adapter")
+    tensors, card = tensorfiles.load(path, "adapter")
     del tensors["tcur.attention.u"]
-    files.save_atomic(tmp_path / "no_u.safetensors", tensors, card, kind="adapter")
+    tensorfiles.save_atomic(tmp_path / "no_u.safetensors", tensors, card, kind="adapter")
     with pytest.raises(files.TCURLoRAFileError, match=r"declares groups \['attention', 'mlp_up'\] but holds tensors"):
         read_adapter(tmp_path / "no_u.safetensors", base)
     with pytest.raises(FileNotFoundError):
@@ -149,10 +136,9 @@ def test_truncated_or_tampered_adapter_is_refused(base_path: Path, tmp_path: Pat
 
 
 def test_half_precision_storage_loads_as_float32(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    unetr = UNETR(**{**UNETR_ARGS, "img_size": (32, 32, 32)}).eval()
-    save_base(tmp_path / "full.safetensors", unetr, card_fields())
-    save_base(tmp_path / "half.safetensors", unetr, card_fields(), dtype=torch.float16)
+    unetr = tiny_unetr(seed=0)
+    save_base(tmp_path / "full.safetensors", unetr, tiny_card_fields())
+    save_base(tmp_path / "half.safetensors", unetr, tiny_card_fields(), dtype=torch.float16)
     full, half = (tmp_path / "full.safetensors").stat().st_size, (tmp_path / "half.safetensors").stat().st_size
     assert half < 0.55 * full
     base = load_base(tmp_path / "half.safetensors")

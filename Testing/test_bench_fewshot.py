@@ -20,7 +20,8 @@ import bench_fewshot as bench  # noqa: E402
 
 from TCURLoRALib.cards import Label  # noqa: E402
 from TCURLoRALib.cases import PreparedCase  # noqa: E402
-from TCURLoRALib.train import adapter_optimizer, fit  # noqa: E402
+from TCURLoRALib.loop import adapter_optimizer, fit  # noqa: E402
+from TCURLoRALib.settings import TrainSettings  # noqa: E402
 
 TRAIN_NAMES = [f"train-{i:03d}-{source}" for i, source in enumerate(["cat12", "abagen-1", "abagen-2", "abagen-3"] * 2)]
 LABELS = [Label(0, "background", (0, 0, 0)), Label(1, "left", (200, 0, 0)), Label(2, "right", (0, 200, 0))]
@@ -87,8 +88,8 @@ def test_each_method_trains_what_its_name_says(tmp_path, one_torch_thread, kind)
     frozen = [p for p in model.parameters() if id(p) not in trainable]
     before = [p.detach().clone() for p in encoder_side + decoder_and_head + frozen]
 
-    fit(model, adapter_optimizer(encoder_side, decoder_and_head, 1e-2, 1e-2), cases, [], LABELS, (32, 32, 32),
-        2, 1, 1, 0, torch.device("cpu"), lambda *a, **k: None, "test", validate_initial=False)
+    fit(model, adapter_optimizer(encoder_side, decoder_and_head, 1e-2, 1e-2), cases, [], labels=LABELS,
+        patch_size=(32, 32, 32), settings=TrainSettings(steps=2, batch_size=1, validate_every=1, seed=0))
 
     after = [p.detach() for p in encoder_side + decoder_and_head + frozen]
     moved = [not torch.equal(b, a) for b, a in zip(before, after)]

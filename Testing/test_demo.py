@@ -14,7 +14,7 @@ from synthetic import BASE_LABELS, make_tiny_base, write_case
 from TCURLoRALib.adapter import save_adapter
 from TCURLoRALib.basemodel import load_base
 from TCURLoRALib.cards import AdapterCard
-from TCURLoRALib.demo import format_report, run_demo
+from TCURLoRALib.demo import format_report, run_models
 from TCURLoRALib.overlay import encode_png, overlay_views
 from TCURLoRALib.store import AdapterStore
 from TCURLoRALib.tcur import TCURLoRAConfig, TCURLoRAModel
@@ -78,7 +78,7 @@ def test_demo_writes_outputs_for_base_and_adapter(tmp_path: Path) -> None:
     save_adapter(shipped / "demo-adapter.safetensors", model, card, include_head=False)
     entries = AdapterStore(shipped, tmp_path / "user").list()
 
-    runs = run_demo(base_path, entries, image_path, tmp_path / "out", reference_path=label_path, device="cpu")
+    runs = run_models(base_path, entries, image_path, tmp_path / "out", reference_path=label_path, device="cpu")
     assert [run.model for run in runs] == ["base (tiny)", "demo-adapter"]
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     for stem in ("base", "demo-adapter"):

@@ -10,7 +10,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from TCURLoRALib import files
+from faults import flip_bytes
+
+from TCURLoRALib import files, tensorfiles
 from TCURLoRALib.cards import (AdapterCard, AdapterMismatchError, CardError, Label, ModelCard,
                                check_adapter_matches_base)
 from TCURLoRALib.files import TCURLoRAFileError, TCURLoRAFileNotFoundError
@@ -50,6 +52,16 @@ def model_card_example(**changes) -> ModelCard:
     return ModelCard(**fields)
 
 
+def save_user_adapter(store: AdapterStore, tensors: dict[str, torch.Tensor], card: AdapterCard) -> Path:
+    """What a training does with a new adapter: a path from the store, then an exclusive write."""
+    return tensorfiles.save_atomic(store.path_for_new(card.name), tensors, card.to_json(), "adapter", overwrite=False)
+
+
+def load_adapter(store: AdapterStore, name: str) -> tuple[dict[str, torch.Tensor], AdapterCard]:
+    tensors, card = tensorfiles.load(store.find(name).path, "adapter")
+    return tensors, AdapterCard.from_json(card)
+
+
 def adapter_card_example(**changes) -> AdapterCard:
     fields = dict(
         name="hippo-v1", base_fingerprint=BASE_FP, base_name="compact-unetr", rank=8,
@@ -74,8 +86,8 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def test_save_load_round_trip_keeps_tensors_and_card(tmp_path: Path) -> None:
     tensors = tensors_example()
     card = {"name": "x", "nested": {"list": [1, 2.5, None, "é"]}}
-    path = files.save_atomic(tmp_path / "a.safetensors", tensors, card, "adapter")
-    loaded, loaded_card = files.load(path, "adapter")
+    path = tensorfiles.save_atomic(tmp_path / "a.safetensors", tensors, card, "adapter")
+    loaded, loaded_card = tensorfiles.load(path, "adapter")
     assert_same_tensors(tensors, loaded)
     assert loaded_card == card
     assert files.read_card(path) == card
@@ -85,34 +97,34 @@ def test_save_load_round_trip_keeps_tensors_and_card(tmp_path: Path) -> None:
 
 
 def test_save_writes_plain_safetensors_with_our_metadata(tmp_path: Path) -> None:
-    path = files.save_atomic(tmp_path / "b.safetensors", {"w": torch.ones(2)}, {"k": 1}, "base")
+    path = tensorfiles.save_atomic(tmp_path / "b.safetensors", {"w": torch.ones(2)}, {"k": 1}, "base")
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(length))
     assert header["__metadata__"] == {"format": "tcurlora-base", "format_version": str(files.FORMAT_VERSION),
-                                      "card": '{"k": 1}'}
+                                      "card": '{"k": 1}', "tensors_sha256": tensorfiles.digest({"w": torch.ones(2)})}
     assert torch.equal(safetensors.torch.load_file(path)["w"], torch.ones(2))
 
 
 def test_save_copies_tensors_that_share_storage(tmp_path: Path) -> None:
     weight = torch.arange(12.0).reshape(3, 4)
     tensors = {"w": weight, "row": weight[1], "col": weight[:, 2]}
-    loaded, _ = files.load(files.save_atomic(tmp_path / "s.safetensors", tensors, {}, "adapter"), "adapter")
+    loaded, _ = tensorfiles.load(tensorfiles.save_atomic(tmp_path / "s.safetensors", tensors, {}, "adapter"), "adapter")
     assert_same_tensors(tensors, loaded)
 
 
 def test_save_refuses_bad_inputs(tmp_path: Path) -> None:
     target = tmp_path / "x.safetensors"
     with pytest.raises(ValueError, match="kind must be one of .* got 'model'"):
-        files.save_atomic(target, {}, {}, "model")
+        tensorfiles.save_atomic(target, {}, {}, "model")
     with pytest.raises(ValueError, match="card is not strict JSON"):
-        files.save_atomic(target, {}, {"dice": float("nan")}, "adapter")
+        tensorfiles.save_atomic(target, {}, {"dice": float("nan")}, "adapter")
     with pytest.raises(ValueError, match="card must be a dict, got list"):
-        files.save_atomic(target, {}, [1], "adapter")  # type: ignore[arg-type]
+        tensorfiles.save_atomic(target, {}, [1], "adapter")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tensor 'w' must be a dense torch.Tensor, got list"):
-        files.save_atomic(target, {"w": [1.0]}, {}, "adapter")  # type: ignore[dict-item]
+        tensorfiles.save_atomic(target, {"w": [1.0]}, {}, "adapter")  # type: ignore[dict-item]
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        files.save_atomic(tmp_path / "missing" / "x.safetensors", {}, {}, "adapter")
+        tensorfiles.save_atomic(tmp_path / "missing" / "x.safetensors", {}, {}, "adapter")
     assert os.listdir(tmp_path) == []
 
 
@@ -120,7 +132,7 @@ def test_save_refuses_bad_inputs(tmp_path: Path) -> None:
 def test_failed_save_leaves_no_temp_file_and_keeps_old_file(tmp_path: Path, monkeypatch, error) -> None:
     target = tmp_path / "a.safetensors"
     old = {"w": torch.zeros(3)}
-    files.save_atomic(target, old, {"version": "old"}, "adapter")
+    tensorfiles.save_atomic(target, old, {"version": "old"}, "adapter")
     old_bytes = target.read_bytes()
 
     def half_write(tmp_name, tensors, metadata):
@@ -128,21 +140,21 @@ def test_failed_save_leaves_no_temp_file_and_keeps_old_file(tmp_path: Path, monk
             handle.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{partial")
         raise error
 
-    monkeypatch.setattr(files, "_write_tensors", half_write)
+    monkeypatch.setattr(tensorfiles, "_write_tensors", half_write)
     with pytest.raises(type(error)):
-        files.save_atomic(target, {"w": torch.ones(1000)}, {"version": "new"}, "adapter")
+        tensorfiles.save_atomic(target, {"w": torch.ones(1000)}, {"version": "new"}, "adapter")
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]
     assert target.read_bytes() == old_bytes
     with pytest.raises(type(error)):
-        files.save_atomic(tmp_path / "new.safetensors", {"w": torch.ones(3)}, {}, "adapter")
+        tensorfiles.save_atomic(tmp_path / "new.safetensors", {"w": torch.ones(3)}, {}, "adapter")
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]
 
 
 def test_overwrite_replaces_file(tmp_path: Path) -> None:
     target = tmp_path / "a.safetensors"
-    files.save_atomic(target, {"w": torch.zeros(3)}, {"v": 1}, "adapter")
-    files.save_atomic(target, {"w": torch.ones(2)}, {"v": 2}, "adapter")
-    tensors, card = files.load(target, "adapter")
+    tensorfiles.save_atomic(target, {"w": torch.zeros(3)}, {"v": 1}, "adapter")
+    tensorfiles.save_atomic(target, {"w": torch.ones(2)}, {"v": 2}, "adapter")
+    tensors, card = tensorfiles.load(target, "adapter")
     assert card == {"v": 2} and torch.equal(tensors["w"], torch.ones(2))
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]
 
@@ -152,13 +164,13 @@ def test_missing_file_is_reported(tmp_path: Path) -> None:
     with pytest.raises(TCURLoRAFileNotFoundError, match="no such file: .*nope.safetensors"):
         files.read_card(missing)
     with pytest.raises(FileNotFoundError):
-        files.load(missing, "base")
+        tensorfiles.load(missing, "base")
     with pytest.raises(TCURLoRAFileError, match="is a folder"):
         files.read_card(tmp_path)
 
 
 def test_truncated_file_is_reported_at_every_cut(tmp_path: Path) -> None:
-    full = files.save_atomic(tmp_path / "full.safetensors", tensors_example(), {"n": 1}, "adapter").read_bytes()
+    full = tensorfiles.save_atomic(tmp_path / "full.safetensors", tensors_example(), {"n": 1}, "adapter").read_bytes()
     (length,) = struct.unpack("<Q", full[:8])
     cuts = [0, 3, 8, 9, 8 + length // 2, 8 + length, 8 + length + 1, (len(full) + 8 + length) // 2, len(full) - 1]
     for cut in cuts:
@@ -167,7 +179,7 @@ def test_truncated_file_is_reported_at_every_cut(tmp_path: Path) -> None:
         with pytest.raises(TCURLoRAFileError, match="truncated"):
             files.read_card(path)
         with pytest.raises(TCURLoRAFileError, match="truncated"):
-            files.load(path, "adapter")
+            tensorfiles.load(path, "adapter")
 
 
 def test_corrupt_header_is_reported(tmp_path: Path) -> None:
@@ -176,7 +188,7 @@ def test_corrupt_header_is_reported(tmp_path: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(body)) + body)
     with pytest.raises(TCURLoRAFileError, match="header is not JSON"):
         files.read_card(path)
-    good = files.save_atomic(tmp_path / "g.safetensors", {"w": torch.ones(2)}, {}, "base").read_bytes()
+    good = tensorfiles.save_atomic(tmp_path / "g.safetensors", {"w": torch.ones(2)}, {}, "base").read_bytes()
     (tmp_path / "extra.safetensors").write_bytes(good + b"\x00" * 4)
     with pytest.raises(TCURLoRAFileError, match="tensors cover 8 data bytes but the file holds 12"):
         files.read_card(tmp_path / "extra.safetensors")
@@ -189,27 +201,30 @@ def test_foreign_safetensors_file_is_refused(tmp_path: Path) -> None:
         files.read_card(path)
     safetensors.torch.save_file({"w": torch.ones(2)}, path)
     with pytest.raises(TCURLoRAFileError, match="not a TCURLoRA file: its metadata has no 'format' entry"):
-        files.load(path, "base")
+        tensorfiles.load(path, "base")
 
 
 def test_wrong_kind_is_refused(tmp_path: Path) -> None:
-    adapter = files.save_atomic(tmp_path / "a.safetensors", {"w": torch.ones(1)}, {}, "adapter")
-    base = files.save_atomic(tmp_path / "b.safetensors", {"w": torch.ones(1)}, {}, "base")
+    adapter = tensorfiles.save_atomic(tmp_path / "a.safetensors", {"w": torch.ones(1)}, {}, "adapter")
+    base = tensorfiles.save_atomic(tmp_path / "b.safetensors", {"w": torch.ones(1)}, {}, "base")
     with pytest.raises(TCURLoRAFileError, match="is a TCURLoRA adapter file, but a TCURLoRA base file was expected"):
-        files.load(adapter, "base")
+        tensorfiles.load(adapter, "base")
     with pytest.raises(TCURLoRAFileError, match="is a TCURLoRA base file, but a TCURLoRA adapter file was expected"):
         files.read_card(base, "adapter")
 
 
-@pytest.mark.parametrize("version, message", [(str(files.FORMAT_VERSION + 1), "newer than the"),
-                                              ("0", "invalid format_version '0'"),
-                                              ("one", "invalid format_version 'one'")])
-def test_unsupported_format_version_is_refused(tmp_path: Path, version: str, message: str) -> None:
+@pytest.mark.parametrize("version, message", [
+    (str(files.FORMAT_VERSION + 1), "newer than the"),
+    ("0", "invalid format_version '0'"),
+    ("one", "invalid format_version 'one'"),
+    ("2", "has no 'tensors_sha256' entry, which format_version 2 files carry"),  # a digest was removed
+])
+def test_unsupported_format_version_or_missing_digest_is_refused(tmp_path: Path, version: str, message: str) -> None:
     path = tmp_path / "v.safetensors"
     metadata = {"format": "tcurlora-adapter", "format_version": version, "card": "{}"}
     safetensors.torch.save_file({"w": torch.ones(1)}, path, metadata=metadata)
     with pytest.raises(TCURLoRAFileError, match=message):
-        files.load(path, "adapter")
+        tensorfiles.load(path, "adapter")
 
 
 def test_card_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
@@ -222,23 +237,23 @@ def test_card_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
 
 def test_fingerprint_independent_of_order_device_and_layout() -> None:
     tensors = tensors_example()
-    reference = files.fingerprint(tensors)
+    reference = tensorfiles.fingerprint(tensors)
     assert len(reference) == 64 and int(reference, 16) >= 0
-    assert files.fingerprint(dict(reversed(list(tensors.items())))) == reference
+    assert tensorfiles.fingerprint(dict(reversed(list(tensors.items())))) == reference
     transposed = dict(tensors, **{"u.attn": tensors["u.attn"].transpose(0, 2).contiguous().transpose(0, 2)})
     assert not transposed["u.attn"].is_contiguous()
-    assert files.fingerprint(transposed) == reference
+    assert tensorfiles.fingerprint(transposed) == reference
 
 
 def test_fingerprint_survives_save_and_load(tmp_path: Path) -> None:
     tensors = tensors_example()
-    loaded, _ = files.load(files.save_atomic(tmp_path / "f.safetensors", tensors, {}, "base"), "base")
-    assert files.fingerprint(loaded) == files.fingerprint(tensors)
+    loaded, _ = tensorfiles.load(tensorfiles.save_atomic(tmp_path / "f.safetensors", tensors, {}, "base"), "base")
+    assert tensorfiles.fingerprint(loaded) == tensorfiles.fingerprint(tensors)
 
 
 def test_fingerprint_sensitive_to_value_name_dtype_and_shape() -> None:
     tensors = tensors_example()
-    reference = files.fingerprint(tensors)
+    reference = tensorfiles.fingerprint(tensors)
     one_value = dict(tensors, **{"u.attn": tensors["u.attn"].clone()})
     one_value["u.attn"][1, 2, 0] += 1e-6
     renamed = {("U.attn" if k == "u.attn" else k): v for k, v in tensors.items()}
@@ -246,7 +261,7 @@ def test_fingerprint_sensitive_to_value_name_dtype_and_shape() -> None:
     reshaped = dict(tensors, **{"u.attn": tensors["u.attn"].reshape(3, 4, 4)})
     fewer = {k: v for k, v in tensors.items() if k != "empty"}
     variants = [one_value, renamed, retyped, reshaped, fewer]
-    prints = {files.fingerprint(v) for v in variants}
+    prints = {tensorfiles.fingerprint(v) for v in variants}
     assert reference not in prints and len(prints) == len(variants)
 
 
@@ -393,11 +408,11 @@ def test_check_adapter_matches_base() -> None:
 
 def test_model_card_fits_in_a_base_file(tmp_path: Path) -> None:
     tensors = {"w": torch.ones(2, 2)}
-    card = model_card_example(fingerprint=files.fingerprint(tensors))
-    path = files.save_atomic(tmp_path / "base.safetensors", tensors, card.to_json(), "base")
-    loaded, data = files.load(path, "base")
+    card = model_card_example(fingerprint=tensorfiles.fingerprint(tensors))
+    path = tensorfiles.save_atomic(tmp_path / "base.safetensors", tensors, card.to_json(), "base")
+    loaded, data = tensorfiles.load(path, "base")
     assert ModelCard.from_json(data) == card
-    assert files.fingerprint(loaded) == card.fingerprint
+    assert tensorfiles.fingerprint(loaded) == card.fingerprint
 
 
 # ---------------------------------------------------------------------------------------------------------- store
@@ -408,9 +423,9 @@ def store_dirs(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
     """A shipped folder with one adapter, a base model and a damaged file; TCURLORA_HOME pointing to tmp_path."""
     shipped = tmp_path / "Models"
     shipped.mkdir()
-    files.save_atomic(shipped / "Shipped-A.safetensors", {"u": torch.ones(2)},
+    tensorfiles.save_atomic(shipped / "Shipped-A.safetensors", {"u": torch.ones(2)},
                       adapter_card_example(name="Shipped-A").to_json(), "adapter")
-    files.save_atomic(shipped / "base.safetensors", {"w": torch.ones(2)}, model_card_example().to_json(), "base")
+    tensorfiles.save_atomic(shipped / "base.safetensors", {"w": torch.ones(2)}, model_card_example().to_json(), "base")
     (shipped / "broken.safetensors").write_bytes(b"\x00\x01")
     (shipped / "README.txt").write_text("not an adapter")
     home = tmp_path / "home"
@@ -435,15 +450,15 @@ def test_store_lists_shipped_and_user_and_reports_unreadable(store_dirs) -> None
     assert [p.path.name for p in store.problems] == ["broken.safetensors"]
     assert "truncated" in store.problems[0].message
 
-    store.save({"u": torch.zeros(3)}, adapter_card_example(name="mine"))
-    store.save({"u": torch.zeros(3)}, adapter_card_example(name="another one"))
+    save_user_adapter(store, {"u": torch.zeros(3)}, adapter_card_example(name="mine"))
+    save_user_adapter(store, {"u": torch.zeros(3)}, adapter_card_example(name="another one"))
     (user / "junk.safetensors").write_bytes(b"junk" * 10)
     entries = store.list()
     assert [(e.name, e.source, e.read_only) for e in entries] == [
         ("another one", "user", False), ("mine", "user", False), ("Shipped-A", "shipped", True)]
     assert entries[1].card.name == "mine" and entries[1].path == user / "mine.safetensors"
     assert sorted(p.path.name for p in store.problems) == ["broken.safetensors", "junk.safetensors"]
-    tensors, card = store.load("mine")
+    tensors, card = load_adapter(store, "mine")
     assert torch.equal(tensors["u"], torch.zeros(3)) and card == adapter_card_example(name="mine")
 
 
@@ -483,7 +498,7 @@ def test_path_for_new_refuses_existing_and_shipped_names(store_dirs) -> None:
     store = AdapterStore(shipped)
     path = store.path_for_new("mine")
     assert path == user / "mine.safetensors" and user.is_dir()
-    store.save({"u": torch.ones(1)}, adapter_card_example(name="mine"))
+    save_user_adapter(store, {"u": torch.ones(1)}, adapter_card_example(name="mine"))
     with pytest.raises(FileExistsError, match="'mine' already exists"):
         store.path_for_new("mine")
     assert store.path_for_new("mine", overwrite=True) == path
@@ -497,11 +512,11 @@ def test_path_for_new_refuses_existing_and_shipped_names(store_dirs) -> None:
 def test_delete_and_rename_user_adapters(store_dirs) -> None:
     shipped, user = store_dirs
     store = AdapterStore(shipped)
-    store.save({"u": torch.arange(3.0)}, adapter_card_example(name="old"))
-    store.save({"u": torch.ones(1)}, adapter_card_example(name="taken"))
+    save_user_adapter(store, {"u": torch.arange(3.0)}, adapter_card_example(name="old"))
+    save_user_adapter(store, {"u": torch.ones(1)}, adapter_card_example(name="taken"))
     new_path = store.rename("old", "new")
     assert new_path == user / "new.safetensors" and not (user / "old.safetensors").exists()
-    tensors, card = store.load("new")
+    tensors, card = load_adapter(store, "new")
     assert card.name == "new" and torch.equal(tensors["u"], torch.arange(3.0))
     with pytest.raises(FileExistsError, match="'taken' already exists"):
         store.rename("new", "taken")
@@ -522,7 +537,7 @@ def test_shipped_adapters_cannot_be_deleted_or_renamed(store_dirs) -> None:
         store.delete("Shipped-A")
     with pytest.raises(PermissionError, match="it cannot be renamed"):
         store.rename("Shipped-A", "mine")
-    store.save({"u": torch.ones(1)}, adapter_card_example(name="mine"))
+    save_user_adapter(store, {"u": torch.ones(1)}, adapter_card_example(name="mine"))
     with pytest.raises(PermissionError, match="'Shipped-A' is the name of a shipped adapter"):
         store.rename("mine", "Shipped-A")
     assert (shipped / "Shipped-A.safetensors").exists()
@@ -535,7 +550,7 @@ def test_find_prefers_shipped_on_a_clash_and_reports_it(store_dirs) -> None:
     store = AdapterStore(shipped)
     user.mkdir(parents=True)
     # A user file with a shipped name can only appear when a later release ships that name.
-    files.save_atomic(user / "shipped-a.safetensors", {"u": torch.zeros(1)},
+    tensorfiles.save_atomic(user / "shipped-a.safetensors", {"u": torch.zeros(1)},
                       adapter_card_example(name="shipped-a").to_json(), "adapter")
     assert store.find("Shipped-A").source == "shipped"
     assert store.find("SHIPPED-A").source == "shipped"
@@ -543,3 +558,128 @@ def test_find_prefers_shipped_on_a_clash_and_reports_it(store_dirs) -> None:
     assert any("has the name of a shipped adapter" in p.message for p in store.problems)
     with pytest.raises(FileNotFoundError, match=r"no adapter named 'nothing'; available: \["):
         store.find("nothing")
+
+
+# ---------------------------------------------------------------------------------------------------------- integrity
+
+
+def test_digest_written_equals_digest_read_from_the_file(tmp_path: Path) -> None:
+    """The writer hashes tensors, the reader the file's bytes: one rule, every dtype (bf16, bool, f16 scalar,
+    empty)."""
+    tensors = tensors_example()
+    path = tensorfiles.save_atomic(tmp_path / "a.safetensors", tensors, {}, "adapter")
+    contents = files.read_whole(path, "adapter")
+    assert contents.checked and contents.version == files.FORMAT_VERSION
+    assert files.read_card(path) == {}
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        stored = json.loads(handle.read(length))["__metadata__"][files.DIGEST_KEY]
+    assert stored == tensorfiles.digest(tensors)
+    assert tensorfiles.digest(dict(reversed(list(tensors.items())))) == stored
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_any_flipped_byte_of_a_tensor_is_refused(tmp_path: Path, where: str) -> None:
+    path = tensorfiles.save_atomic(tmp_path / "a.safetensors", tensors_example(), {"name": "x"}, "adapter")
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    position = {"first": 8 + length, "middle": (8 + length + len(data)) // 2, "last": len(data) - 1}[where]
+    flip_bytes(path, position, mask=0x10)
+    assert files.read_card(path) == {"name": "x"}, "the header is intact: listing still works"
+    with pytest.raises(TCURLoRAFileError, match=r"is damaged: its tensors do not match the digest it was written "
+                                                r"with .*copy the file again from where it came from, or retrain it"):
+        tensorfiles.load(path, "adapter")
+
+
+def test_a_version_1_adapter_loads_as_legacy_with_a_warning(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "v1.safetensors"
+    metadata = {"format": "tcurlora-adapter", "format_version": "1", "card": '{"n": 1}'}
+    safetensors.torch.save_file({"w": torch.ones(2)}, path, metadata=metadata)
+    with caplog.at_level("WARNING"):
+        tensors, card = tensorfiles.load(path, "adapter")
+    assert card == {"n": 1} and torch.equal(tensors["w"], torch.ones(2))
+    assert "written without a tensor digest: its tensors cannot be checked" in caplog.text
+    assert not files.read_whole(path, "adapter").checked
+
+
+def two_versions(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A file and two complete versions of it, each card saying which tensors it belongs with."""
+    a = tensorfiles.save_atomic(tmp_path / "a.safetensors", {"w": torch.zeros(50_000)}, {"version": "a"}, "adapter")
+    b = tensorfiles.save_atomic(tmp_path / "b.safetensors", {"w": torch.ones(50_000)}, {"version": "b"}, "adapter")
+    target = tmp_path / "adapter.safetensors"
+    target.write_bytes(a.read_bytes())
+    return target, a, b
+
+
+def test_a_file_replaced_while_it_is_read_gives_one_version_whole(tmp_path: Path, monkeypatch) -> None:
+    """The reader opens the file, then another process renames a new version onto it (an atomic save): header and
+    tensors must both be the old version (one open file), never the old card with the new tensors."""
+    target, _a, b = two_versions(tmp_path)
+    real_open = open
+
+    def open_then_replaced(path, *args, **kwargs):
+        handle = real_open(path, *args, **kwargs)
+        if Path(path) == target:
+            os.replace(tmp_path / "b-copy.safetensors", target)
+        return handle
+
+    (tmp_path / "b-copy.safetensors").write_bytes(b.read_bytes())
+    monkeypatch.setattr(files, "open", open_then_replaced, raising=False)
+    tensors, card = tensorfiles.load(target, "adapter")
+    assert card == {"version": "a"} and not tensors["w"].any()
+
+
+REPLACE_IN_A_LOOP = """
+import os, sys
+from pathlib import Path
+target, a, b = (Path(p) for p in sys.argv[1:4])
+for index in range(int(sys.argv[4])):
+    source = a if index % 2 else b
+    temporary = target.with_name(f".swap{index}")
+    temporary.write_bytes(source.read_bytes())
+    os.replace(temporary, target)
+"""
+
+
+def test_reading_while_another_process_replaces_the_file_pairs_no_card_with_the_other_tensors(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    target, a, b = two_versions(tmp_path)
+    writer = subprocess.Popen([sys.executable, "-c", REPLACE_IN_A_LOOP, str(target), str(a), str(b), "3000"])
+    try:
+        reads = 0
+        while writer.poll() is None or reads < 20:
+            tensors, card = tensorfiles.load(target, "adapter")
+            assert bool(tensors["w"].all()) == (card["version"] == "b") and bool(tensors["w"].any()) == (
+                card["version"] == "b"), f"card of version {card['version']} with the other version's tensors"
+            reads += 1
+    finally:
+        writer.wait(timeout=60)
+    assert writer.returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------------- no torch
+
+NO_TORCH = """
+from TCURLoRALib import files, store
+
+entries = store.adapter_store().list()
+print([entry.name for entry in entries])
+print(files.read_card(store.resolve_base(None), "base")["name"])
+print(store.resolve_adapter("mine"))
+print([m for m in ("torch", "monai", "numpy") if m in sys.modules])
+"""
+
+
+def test_listing_adapters_and_reading_cards_needs_no_torch(store_dirs) -> None:
+    from faults import run_python_without
+
+    shipped, user = store_dirs
+    (shipped / "broken.safetensors").unlink()
+    save_user_adapter(AdapterStore(shipped), {"u": torch.ones(1)}, adapter_card_example(name="mine"))
+    result = run_python_without(("torch", "monai", "numpy"), NO_TORCH,
+                                env={"TCURLORA_MODELS": str(shipped), "TCURLORA_HOME": str(user.parent)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["['mine', 'Shipped-A']", "compact-unetr", str(user / "mine.safetensors"),
+                                          "[]"]

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from TCURLoRALib import volumes
 from TCURLoRALib.cards import Label
-from TCURLoRALib.metrics import evaluate, format_table, label_metrics, summarize, write_csv, write_json
+from TCURLoRALib.metrics import dice, evaluate, format_table, label_metrics, summarize, write_csv, write_json
 
 SPACING = (0.8, 1.2, 3.0)  # x, y, z in mm
 CUBE = Label(3, "cube", (200, 100, 50))
@@ -71,6 +71,24 @@ def test_hd95_is_the_95th_percentile_not_the_maximum() -> None:
     (result,) = label_metrics(prediction, reference, SPACING, [CUBE])
     assert result.hd95_mm == pytest.approx(2.4, rel=1e-6)
     assert result.dice == pytest.approx(140 / 201, rel=1e-6)
+
+
+def test_evaluate_and_training_validation_share_one_dice_and_its_rule_for_absent_labels() -> None:
+    """One rule everywhere: a label absent from both maps has Dice 1.0 (``metrics.dice``), in ``evaluate`` and in
+    the validation Dice a training writes into its card."""
+    from TCURLoRALib.validation import dice_per_label
+
+    prediction, reference = cubes(offset_z=2)
+    prediction[15:17, 0:2, 0:2] = 4  # label 4: predicted only; label 9 (OTHER): in neither
+    labels = [BACKGROUND, CUBE, Label(4, "stray", (1, 1, 1)), OTHER]
+    evaluated = [item.dice for item in label_metrics(prediction, reference, SPACING, labels)]
+    # Validation works on channel indices 0..C-1: the same maps with values renumbered as channels.
+    channel = {0: 0, CUBE.value: 1, 4: 2, OTHER.value: 3}
+    as_channels = [np.vectorize(channel.get)(array).astype(np.int64) for array in (prediction, reference)]
+    validated = dice_per_label(as_channels[0], as_channels[1], len(labels))
+    assert evaluated == validated == [pytest.approx(0.8, rel=1e-12), 0.0, 1.0]
+    assert dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+    assert dice(np.array([1, 1, 0, 0], bool), np.array([0, 1, 1, 1], bool)) == pytest.approx(2 * 1 / 5)
 
 
 @pytest.mark.parametrize("in_prediction, in_reference, dice, note", [

@@ -147,7 +147,7 @@ def test_engine_paths_run_with_only_the_listed_packages(restricted_path: list[st
         folder.mkdir()
     make_tiny_base(models / "tiny-base.safetensors")
     cases = [write_case(tmp_path, seed) for seed in (1, 2, 3)]
-    (image, label), test_image, test_label = cases[2], str(cases[2][0]), str(cases[2][1])
+    test_image, test_label = str(cases[2][0]), str(cases[2][1])
     train_cases = [argument for pair in cases[:2] for argument in ("--case", str(pair[0]), str(pair[1]))]
     prediction = str(out / "prediction.nii.gz")
     commands = [

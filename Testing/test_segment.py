@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from monai.networks.nets import UNETR
 
-from synthetic import BASE_LABELS, TARGET, TINY_UNETR, make_tiny_base, tiny_card_fields, write_case
+from synthetic import BASE_LABELS, TARGET, TINY_UNETR, make_tiny_base, tiny_card_fields, tiny_unetr, write_case
 from TCURLoRALib import volumes
 from TCURLoRALib.adapter import AdaptedUNETR, attach_head, save_adapter
 from TCURLoRALib.basemodel import load_base, save_base
 from TCURLoRALib.cards import AdapterCard, Label
 from TCURLoRALib.progress import Cancelled
-from TCURLoRALib.segment import count_windows, segment, segment_volume, sliding_window_logits
+from TCURLoRALib.segmentation import count_windows, segment, segment_volume, sliding_window_logits
 from TCURLoRALib.tcur import TCURLoRAConfig, TCURLoRAModel
 
 SPACING = (1.5, 2.5, 3.0)  # x, y, z in mm: anisotropic, and none of it the tiny base's 2 mm
@@ -61,8 +60,7 @@ def read_geometry(path: Path) -> volumes.Geometry:
 
 def base_with_constant_head(path: Path, bias: list, labels: list) -> Path:
     """A tiny base whose head has zero weights: its logits are ``bias`` at every voxel, whatever the input."""
-    torch.manual_seed(0)
-    unetr = UNETR(**{**TINY_UNETR, "out_channels": len(labels), "img_size": (32, 32, 32)})
+    unetr = tiny_unetr(seed=0, out_channels=len(labels))
     with torch.no_grad():
         unetr.out.conv.conv.weight.zero_()
         unetr.out.conv.conv.bias.copy_(torch.tensor(bias))
@@ -277,9 +275,9 @@ def test_cuda_without_gpu(base_path: Path, oblique_image: Path, tmp_path: Path) 
     ({"output_path": "labels.png"}, r"output label map '.*labels\.png' must end with one of"),
     ({"seg_nrrd_path": "s.nrrd"}, r"Slicer segmentation '.*s\.nrrd' must end with '\.seg\.nrrd'"),
     ({"probabilities_path": "p.seg.nrrd"}, r"probability map '.*p\.seg\.nrrd' must end with one of \.nrrd"),
-    ({"probabilities_path": "labels.nii.gz"}, r"probabilities_path '.*labels\.nii\.gz' is the same file as output"),
+    ({"probabilities_path": "labels.nii.gz"}, r"probability map '.*labels\.nii\.gz' is the same file as the label map"),
     ({"overlap": 1.0}, r"overlap must be a number in \[0, 1\), got 1\.0"),
-    ({"sw_batch_size": 0}, r"sw_batch_size must be an integer >= 1, got 0"),
+    ({"sw_batch_size": 0}, r"--sw-batch-size must be an integer >= 1, got 0"),
 ])
 def test_bad_arguments_are_refused_before_any_work(base_path: Path, oblique_image: Path, tmp_path: Path,
                                                    kwargs: dict, message: str) -> None:
@@ -294,5 +292,5 @@ def test_bad_arguments_are_refused_before_any_work(base_path: Path, oblique_imag
 
 
 def test_output_onto_the_input_image_is_refused(base_path: Path, oblique_image: Path) -> None:
-    with pytest.raises(ValueError, match=r"output '.*oblique\.nrrd' is the same file as the input image"):
+    with pytest.raises(ValueError, match=r"label map '.*oblique\.nrrd' is the file .* that this command reads"):
         segment(oblique_image, base_path, oblique_image)

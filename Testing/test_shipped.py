@@ -14,7 +14,7 @@ from TCURLoRALib import files, metrics, volumes
 from TCURLoRALib.adapter import AdaptedUNETR, read_adapter
 from TCURLoRALib.basemodel import load_base
 from TCURLoRALib.paths import SAMPLE_IMAGE, SAMPLE_REFERENCE, shipped_models_dir, shipped_samples_dir
-from TCURLoRALib.segment import segment
+from TCURLoRALib.segmentation import segment
 from TCURLoRALib.store import AdapterStore
 
 BASE_FILE = "brain-tissue-base.safetensors"
@@ -46,6 +46,13 @@ def test_shipped_files_are_what_the_store_lists() -> None:
     assert files.read_info(shipped_models_dir() / BASE_FILE)[0] == "base"
     for path in shipped_models_dir().glob("*.safetensors"):
         assert path.stat().st_size <= 25 * 1024 * 1024, f"{path.name} is over 25 MB"
+
+
+def test_shipped_adapters_carry_a_digest_that_holds() -> None:
+    """Rewritten with format_version 2 (tensors byte-identical to the trained files): damage is refused."""
+    for entry in AdapterStore(shipped_models_dir(), Path("/nonexistent-user-folder")).list():
+        contents = files.read_whole(entry.path, "adapter")
+        assert contents.checked and contents.version >= 2, entry.name
 
 
 def test_adapters_match_the_shipped_base(session: AdaptedUNETR) -> None:

@@ -1,8 +1,10 @@
 """Static checks of the Slicer side of the extension, run without Slicer.
 
-Slicer cannot run here, so these tests read the module files (Python AST), the Qt Designer .ui files (XML) and the
-CMakeLists (a small tokenizer) and check the conventions that Slicer relies on at load, build and packaging time:
-class names and bases, widget names, files listed for installation, icons, and lazy engine imports.
+Slicer cannot run here, so these tests read the module files and their shared qt helpers (TCURLoRAGui) as Python
+syntax trees, the Qt Designer .ui files (XML) and the CMakeLists (a small tokenizer) and check what Slicer relies on
+at load, build, test and packaging time: class names and bases, widget names, the parameter-node wrapper's API,
+Python 3.9 syntax, files listed for installation and copied into the build tree, icons and URLs, and that the
+engine is imported in one place only (test_panel_logic.py imports those statements without torch, MONAI and numpy).
 """
 from __future__ import annotations
 
@@ -16,10 +18,28 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("TCURLoRASegment", "TCURLoRATrain")
-ENGINE_MODULE = "TCURLoRASegment"  # the module whose folder holds the engine package
+ENGINE_MODULE = "TCURLoRASegment"  # the module whose folder holds the engine package and the qt helpers
 ENGINE_PACKAGE = "TCURLoRALib"
+GUI_PACKAGE = "TCURLoRAGui"
+GUI_FILE = REPO_ROOT / ENGINE_MODULE / GUI_PACKAGE / "__init__.py"
+PANELS = f"{ENGINE_PACKAGE}.panels"
 # Importing any of these at module load would import torch at Slicer startup, or fail before it is installed.
-LAZY_IMPORTS = {"torch", "monai", ENGINE_PACKAGE}
+LAZY_IMPORTS = {"torch", "monai", "numpy"}
+# Slicer 5.8.0's parameterNodeWrapper (tag v5.8.0, commit d20ee94ceeaf3da1d67042059c6c125c82626005,
+# Base/Python/slicer/parameterNodeWrapper/wrapper.py): _processClass puts these on a @parameterNodeWrapper class,
+# _initMethod these on an instance, and every field X adds the property X and the attribute _X_impl. Nothing else
+# exists on a wrapper: GetNode() does not (issue 11, finding 1); the MRML node itself is `.parameterNode`.
+WRAPPER_CLASS_ATTRIBUTES = {
+    "allParameters", "_is_parameter_node_wrapper", "default", "isCached", "dataType", "getValue", "setValue",
+    "connectGui", "connectParametersToGui", "disconnectGui", "StartModify", "EndModify", "AddObserver",
+    "RemoveObserver", "Modified",
+}
+WRAPPER_INSTANCE_ATTRIBUTES = {"parameterNode", "_parameterGUIs", "_nextParameterGUIsTag",
+                               "_updatingGUIFromParameterNode"}
+# Self-tests must never install anything (issue 11, finding 5): none of these may be called from a Test class.
+INSTALLERS = {"ensureDependencies", "installDependencies", "ensure_dependencies", "pip_install", "installTorch"}
+MAX_MODULE_LINES = 400
+MAX_SLOT_LINES = 12
 SLICER_BASES = {
     "{module}": {"ScriptedLoadableModule"},
     "{module}Widget": {"ScriptedLoadableModuleWidget", "VTKObservationMixin"},
@@ -88,18 +108,71 @@ def _ui_widgets(module: str) -> list[ElementTree.Element]:
 
 
 def _ui_attributes_used(tree: ast.Module) -> set[str]:
-    """Names ``X`` of every ``self.ui.X`` in the module."""
+    """Names ``X`` of every ``self.ui.X`` and ``ui.X`` (a helper's ``ui`` argument) in the module."""
     used = set()
     for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Attribute)
-            and node.value.attr == "ui"
-            and isinstance(node.value.value, ast.Name)
-            and node.value.value.id == "self"
-        ):
+        if not isinstance(node, ast.Attribute):
+            continue
+        value = node.value
+        if isinstance(value, ast.Name) and value.id == "ui":
+            used.add(node.attr)
+        elif (isinstance(value, ast.Attribute) and value.attr == "ui" and isinstance(value.value, ast.Name)
+              and value.value.id == "self"):
             used.add(node.attr)
     return used
+
+
+def _slicer_side_files() -> list[Path]:
+    return [_module_path(module) for module in MODULES] + [GUI_FILE]
+
+
+def _parse(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def _wrapper_fields(tree: ast.Module) -> dict[str, set[str]]:
+    """Field names of each @parameterNodeWrapper class of a module."""
+    return {node.name: {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
+            for node in tree.body if isinstance(node, ast.ClassDef)
+            and any(_name_of(decorator) == "parameterNodeWrapper" for decorator in node.decorator_list)}
+
+
+def _is_wrapper(node: ast.expr, wrapper_names: set[str], classes: set[str]) -> bool:
+    """Whether an expression holds a parameter-node wrapper: ``self._parameterNode``, ``X.getParameterNode()`` (not
+    ``super().getParameterNode()``, the raw MRML node), ``<Wrapper class>(...)`` or a name bound to one of these."""
+    if isinstance(node, ast.Name):
+        return node.id in wrapper_names
+    if isinstance(node, ast.Attribute):
+        return node.attr == "_parameterNode" and isinstance(node.value, ast.Name) and node.value.id == "self"
+    if isinstance(node, ast.Call):
+        func = node.func
+        if isinstance(func, ast.Name):
+            return func.id in classes
+        if isinstance(func, ast.Attribute) and func.attr == "getParameterNode":
+            return not (isinstance(func.value, ast.Call) and _name_of(func.value.func) == "super")
+    return False
+
+
+def wrapper_attribute_violations(tree: ast.Module, fields: set[str], classes: set[str]) -> list[str]:
+    """``"line: .attr"`` for every attribute used on a parameter-node wrapper that Slicer 5.8's wrapper lacks."""
+    allowed = fields | {f"_{field}_impl" for field in fields} | WRAPPER_CLASS_ATTRIBUTES | WRAPPER_INSTANCE_ATTRIBUTES
+    violations = []
+    for function in ast.walk(tree):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        names = {arg.arg for arg in function.args.args + function.args.kwonlyargs if arg.annotation is not None
+                 and (arg.annotation.value if isinstance(arg.annotation, ast.Constant) else _name_of(arg.annotation))
+                 in classes}
+        for node in ast.walk(function):  # bindings first, in source order (good enough for these short methods)
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    pairs = (zip(target.elts, node.value.elts) if isinstance(target, ast.Tuple)
+                             and isinstance(node.value, ast.Tuple) else [(target, node.value)])
+                    names |= {t.id for t, v in pairs if isinstance(t, ast.Name) and _is_wrapper(v, names, classes)}
+        for node in ast.walk(function):
+            if isinstance(node, ast.Attribute) and _is_wrapper(node.value, names, classes) and node.attr not in allowed:
+                violations.append(f"{node.lineno}: .{node.attr}")
+    return sorted(set(violations))
 
 
 def _cmake_commands(path: Path) -> list[tuple[str, list[str]]]:
@@ -208,13 +281,25 @@ def test_module_metadata(module):
     assert "Segmentation" in strings, f"category must be Segmentation, found {sorted(strings)}"
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_engine_and_dependencies_are_not_imported_at_module_load(module):
-    tree = _parse_module(module)
+@pytest.mark.parametrize("path", _slicer_side_files(), ids=lambda path: path.parent.name)
+def test_torch_monai_and_numpy_are_not_imported_at_load(path):
     eager = set()
-    for node in _import_time_nodes(tree):
+    for node in _import_time_nodes(_parse(path)):
         eager |= _imported_top_names(node) & LAZY_IMPORTS
-    assert not eager, f"{module}.py imports {sorted(eager)} at load time; import them inside the method that needs them"
+    assert not eager, f"{path.name} imports {sorted(eager)} at load time; import them inside the method that needs them"
+
+
+@pytest.mark.parametrize("path", _slicer_side_files(), ids=lambda path: path.parent.name)
+def test_the_engine_is_imported_in_one_place_through_the_panels_layer(path):
+    """One ``from TCURLoRALib.panels import ...`` at the top, nothing of the engine anywhere else (the lead's lazy
+    public API can then replace it in one place)."""
+    tree = _parse(path)
+    engine_imports = [node for node in ast.walk(tree) if ENGINE_PACKAGE in _imported_top_names(node)
+                      or (isinstance(node, ast.Import) and any(a.name.startswith(ENGINE_PACKAGE) for a in node.names))]
+    assert len(engine_imports) == 1, [ast.dump(node) for node in engine_imports]
+    (statement,) = engine_imports
+    assert statement in tree.body and isinstance(statement, ast.ImportFrom) and statement.module == PANELS
+    assert not [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "cli"]
 
 
 def test_lazy_import_check_detects_a_top_level_import():
@@ -244,6 +329,107 @@ def test_every_ui_widget_used_by_the_module_exists_in_its_ui_file(module):
     names = {widget.get("name") for widget in _ui_widgets(module)}
     missing = _ui_attributes_used(_parse_module(module)) - names
     assert not missing, f"{module}.py uses self.ui.{sorted(missing)} but {_ui_path(module).name} has no such widget"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_ui_widget_the_shared_helpers_use_exists_in_both_panels(module):
+    used = _ui_attributes_used(_parse(GUI_FILE))
+    assert {"progressBar", "statusLabel", "logTextEdit", "checkEngineButton"} <= used
+    missing = used - {widget.get("name") for widget in _ui_widgets(module)}
+    assert not missing, f"TCURLoRAGui uses ui.{sorted(missing)} but {_ui_path(module).name} has no such widget"
+
+
+def test_the_ui_attribute_finder_sees_self_ui_and_ui_arguments():
+    tree = ast.parse("def f(self, ui):\n    self.ui.a.text = ui.b.text + other.ui.c\n")
+    assert _ui_attributes_used(tree) == {"a", "b"}
+
+
+# ----------------------------------------------------------------------------- the parameter-node wrapper
+
+
+@pytest.mark.parametrize("path", _slicer_side_files(), ids=lambda path: path.parent.name)
+def test_only_attributes_that_slicers_wrapper_defines_are_used_on_it(path):
+    fields: set[str] = set()
+    classes: set[str] = set()
+    for module in MODULES:
+        wrappers = _wrapper_fields(_parse_module(module))
+        classes |= set(wrappers)
+        fields |= set().union(*wrappers.values())
+    if path != GUI_FILE:  # a module file's wrapper has its own fields only; the shared helpers may meet either
+        fields = set().union(*_wrapper_fields(_parse(path)).values())
+    assert wrapper_attribute_violations(_parse(path), fields, classes) == []
+
+
+def test_the_wrapper_check_catches_getnode_and_unknown_fields():
+    """The check that would have caught finding 1: NodeModify(p.GetNode()) on a wrapper."""
+    tree = ast.parse(
+        "def onAddCase(self):\n"
+        "    p = self._parameterNode\n"
+        "    with slicer.util.NodeModify(p.GetNode()):\n"
+        "        p.caseVolumes.append(p.trainingVolume)\n"
+        "def logic(parameterNode: 'W', other):\n"
+        "    q, n = parameterNode, 3\n"
+        "    q.StartModify(); q.nosuchfield; other.GetNode(); super().getParameterNode().GetNode()\n"
+        "    W(node).GetParameter('x'); self.logic.getParameterNode().parameterNode.GetNode()\n")
+    assert wrapper_attribute_violations(tree, {"caseVolumes", "trainingVolume"}, {"W"}) == [
+        "3: .GetNode", "7: .nosuchfield", "8: .GetParameter"]
+
+
+def test_train_parameter_node_defaults_come_from_the_panels_settings():
+    """The Train panel's defaults are settings.train_defaults() (test_panel_logic.py checks those against the
+    engine's), never numbers written into the module file."""
+    tree = _parse_module("TCURLoRATrain")
+    assigned = {node.targets[0].id: ast.unparse(node.value) for node in tree.body
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    assert assigned["TRAIN_DEFAULTS"] == "settings.train_defaults()"
+    (wrapper,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "TCURLoRATrainParameterNode"]
+    defaults = {item.target.id: ast.unparse(call.args[0]) for item in wrapper.body if isinstance(item, ast.AnnAssign)
+                for call in ast.walk(item.annotation) if isinstance(call, ast.Call) and _name_of(call.func) == "Default"}
+    assert defaults == {"rank": "TRAIN_DEFAULTS.rank", "steps": "TRAIN_DEFAULTS.steps", "learningRate": "TRAIN_DEFAULTS.lr"}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_parameter_node_annotations_evaluate_on_python_3_9(module):
+    """Slicer's wrapper evaluates the annotations (typing.get_type_hints): ``X | None`` fails on Slicer 5.8's 3.9."""
+    (wrapper,) = [node for node in _parse_module(module).body if isinstance(node, ast.ClassDef)
+                  and any(_name_of(d) == "parameterNodeWrapper" for d in node.decorator_list)]
+    unions = [item.target.id for item in wrapper.body if isinstance(item, ast.AnnAssign)
+              and any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(item.annotation))]
+    assert not unions, f"use Optional[...] in {wrapper.name}: {unions}"
+
+
+def test_slicer_side_and_engine_parse_as_python_3_9():
+    """Slicer 5.8 ships Python 3.9: no syntax of a later Python anywhere Slicer imports."""
+    files = [*_slicer_side_files(), *(REPO_ROOT / ENGINE_MODULE / ENGINE_PACKAGE).rglob("*.py")]
+    for path in files:
+        ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
+
+
+def test_no_protected_qt_method_is_called():
+    """QAbstractItemView.selectedIndexes() is protected in Qt: use the selection model (finding 10)."""
+    for path in _slicer_side_files():
+        calls = {_name_of(node.func) for node in ast.walk(_parse(path)) if isinstance(node, ast.Call)}
+        assert "selectedIndexes" not in calls, path
+
+
+def test_learning_rate_spin_box_steps_in_proportion_to_its_value():
+    """Finding 10: a QDoubleSpinBox steps by 1.0 by default, useless for 1e-4..1e-1; the adaptive decimal step
+    type steps by one power of ten below the value (0.001 at 0.01)."""
+    (spin,) = [w for w in _ui_widgets("TCURLoRATrain") if w.get("name") == "learningRateSpinBox"]
+    properties = {p.get("name"): p for p in spin.findall("property")}
+    assert properties["stepType"].findtext("enum") == "QAbstractSpinBox::AdaptiveDecimalStepType"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_files_are_thin_and_their_slots_short(module):
+    path = _module_path(module)
+    assert len(path.read_text(encoding="utf-8").splitlines()) < MAX_MODULE_LINES
+    for classdef in [*_top_level_classes(_parse_module(module)).values(), *_top_level_classes(_parse(GUI_FILE)).values()]:
+        for name, method in _methods(classdef).items():
+            body = method.body[1:] if ast.get_docstring(method) is not None else method.body
+            if name.startswith("on"):
+                lines = body[-1].end_lineno - body[0].lineno + 1
+                assert lines <= MAX_SLOT_LINES, f"{classdef.name}.{name} has {lines} lines: move its decisions out"
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -286,19 +472,30 @@ def test_ui_parameter_names_are_parameter_node_fields(module):
 
 
 @pytest.mark.parametrize("module", MODULES)
-def test_self_test_runs_every_test_method_without_early_return(module):
+def test_self_test_runs_every_test_method_through_the_skip_aware_runner(module):
+    """runTest hands every test_ method to selftest.run_tests (a SkipTest is reported, not a failure)."""
     test_class = _top_level_classes(_parse_module(module))[f"{module}Test"]
     methods = _methods(test_class)
     assert "setUp" in methods and "runTest" in methods
     clears = [n for n in ast.walk(methods["setUp"]) if isinstance(n, ast.Call) and _name_of(n.func) == "Clear"]
     assert clears, "setUp must clear the scene"
-    called = {_name_of(n.func) for n in ast.walk(methods["runTest"]) if isinstance(n, ast.Call)}
+    (call,) = [n for n in ast.walk(methods["runTest"]) if isinstance(n, ast.Call) and _name_of(n.func) == "run_tests"]
+    names = ast.literal_eval(call.args[1])
     tests = {name for name in methods if name.startswith("test_")}
-    assert tests, f"{module}Test has no test_ method"
-    assert tests <= called, f"runTest never calls {sorted(tests - called)}"
+    assert tests and sorted(names) == sorted(tests), f"runTest runs {names}, the class has {sorted(tests)}"
     for name in tests | {"runTest"}:
         returns = [n for n in ast.walk(methods[name]) if isinstance(n, ast.Return)]
         assert not returns, f"{module}Test.{name} returns early (line {returns[0].lineno if returns else ''})"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_self_tests_install_nothing(module):
+    """In Slicer's headless runner an offline machine must skip, not fail: no installer is called (finding 5)."""
+    test_class = _top_level_classes(_parse_module(module))[f"{module}Test"]
+    called = {_name_of(node.func) for node in ast.walk(test_class) if isinstance(node, ast.Call)}
+    assert not called & INSTALLERS, sorted(called & INSTALLERS)
+    skips = [node for node in ast.walk(test_class) if isinstance(node, ast.Raise) and "SkipTest" in ast.dump(node)]
+    assert skips, f"{module}Test never skips: what does it do without PyTorch?"
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -343,14 +540,73 @@ def test_module_cmake_builds_a_scripted_module_with_tests(module):
     assert start < unittest < end, "slicer_add_python_unittest must sit inside if(BUILD_TESTING)"
 
 
-def test_every_engine_python_file_is_listed_in_the_segment_module():
-    """Slicer installs only listed files: an unlisted engine file is missing from the built extension."""
+@pytest.mark.parametrize("package", [ENGINE_PACKAGE, GUI_PACKAGE])
+def test_every_python_file_of_the_packages_is_listed_in_the_segment_module(package):
+    """Slicer installs (and copies into the build tree) only listed files: an unlisted one is missing there."""
     _, scripts, _ = _module_cmake(ENGINE_MODULE)
     module_dir = REPO_ROOT / ENGINE_MODULE
-    on_disk = {path.relative_to(module_dir).as_posix() for path in (module_dir / ENGINE_PACKAGE).rglob("*.py")}
-    assert f"{ENGINE_PACKAGE}/__init__.py" in on_disk
+    on_disk = {path.relative_to(module_dir).as_posix() for path in (module_dir / package).rglob("*.py")}
+    assert f"{package}/__init__.py" in on_disk
     missing = on_disk - set(scripts)
     assert not missing, f"add to MODULE_PYTHON_SCRIPTS of {ENGINE_MODULE}/CMakeLists.txt: {sorted(missing)}"
+
+
+def _foreach_body(commands: list[tuple[str, list[str]]], variable: str) -> tuple[list[str], list]:
+    """The items of ``foreach(<variable> items...)`` and the commands up to its ``endforeach``."""
+    start = next(i for i, (name, args) in enumerate(commands) if name == "foreach" and args[:1] == [variable])
+    depth, end = 0, start
+    for end in range(start, len(commands)):
+        depth += {"foreach": 1, "endforeach": -1}.get(commands[end][0], 0)
+        if depth == 0:
+            break
+    return commands[start][1][1:], commands[start + 1:end]
+
+
+BUILD_TREE = "${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}"
+INSTALL_TREE = "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}"
+
+
+def test_shipped_models_and_sample_are_copied_into_the_build_tree_and_installed():
+    """Finding 6: ctest runs the self-tests from the build tree, where paths.shipped_models_dir looks in
+    <qt-scripted-modules>/Resources/Models (beside TCURLoRALib, which ctkMacroCompilePythonScript copies there)."""
+    commands, _, _ = _module_cmake(ENGINE_MODULE)
+    folders, body = _foreach_body(commands, "TCURLORA_DATA_DIR")
+    assert folders == ["Models", "Samples"]
+    copies = [args for name, args in body if name == "configure_file"]
+    assert copies and copies[0][1] == f"{BUILD_TREE}/Resources/${{TCURLORA_DATA_DIR}}/${{TCURLORA_DATA_NAME}}"
+    assert "COPYONLY" in copies[0]
+    (install,) = [args for name, args in body if name == "install"]
+    assert install[install.index("DESTINATION") + 1] == f"{INSTALL_TREE}/Resources/${{TCURLORA_DATA_DIR}}"
+    for folder in folders:
+        assert list((REPO_ROOT / "Resources" / folder).iterdir()), f"Resources/{folder} is empty"
+
+
+def test_the_requirements_go_where_the_panels_look_in_the_build_tree_and_the_installation():
+    commands, _, _ = _module_cmake(ENGINE_MODULE)
+    (requirements,) = [args for name, args in commands if name == "set" and args[0] == "TCURLORA_REQUIREMENTS_FILE"]
+    assert requirements[1] == "${CMAKE_CURRENT_SOURCE_DIR}/../Resources/requirements.txt"
+    copies = [args for name, args in commands if name == "configure_file" and args[0] == "${TCURLORA_REQUIREMENTS_FILE}"]
+    assert copies == [["${TCURLORA_REQUIREMENTS_FILE}", f"{BUILD_TREE}/Resources/requirements.txt", "COPYONLY"]]
+    installs = [args for name, args in commands if name == "install" and args[1] == "${TCURLORA_REQUIREMENTS_FILE}"]
+    assert installs[0][installs[0].index("DESTINATION") + 1] == f"{INSTALL_TREE}/Resources"
+
+
+def test_the_build_tree_layout_is_where_the_engine_looks(tmp_path):
+    """A qt-scripted-modules folder laid out as CMake builds it: the engine finds the models and the requirements."""
+    import shutil
+    import subprocess
+    import sys
+
+    tree = tmp_path / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    shutil.copytree(REPO_ROOT / ENGINE_MODULE / ENGINE_PACKAGE, tree / ENGINE_PACKAGE,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tree / "Resources" / "Models").mkdir(parents=True)
+    (tree / "Resources" / "requirements.txt").write_text("monai\n")
+    code = ("from TCURLoRALib.paths import shipped_models_dir; from TCURLoRALib.panels.requirements import "
+            "requirements_file; print(shipped_models_dir()); print(requirements_file(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", "import sys; " + code, str(tree)], cwd=tree, capture_output=True,
+                          text=True, check=True, env={"PATH": "", "PYTHONPATH": str(tree)})
+    assert done.stdout.split() == [str(tree / "Resources" / "Models"), str(tree / "Resources" / "requirements.txt")]
 
 
 def test_engine_scripts_are_listed_in_sorted_order():
@@ -412,6 +668,12 @@ def test_extension_cmake_declares_metadata_dependencies_and_modules():
     assert _cmake_set(commands, "EXTENSION_CATEGORY") == ["Segmentation"]
     assert _cmake_set(commands, "EXTENSION_DEPENDS") == ["PyTorch"]
     assert _cmake_set(commands, "EXTENSION_ICONURL")[0].endswith("/Resources/TCURLoRA.png")
+    homepage = _cmake_set(commands, "EXTENSION_HOMEPAGE")[0]
+    raw = homepage.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    for field in ("ICONURL", "SCREENSHOTURLS"):
+        for url in _cmake_set(commands, f"EXTENSION_{field}")[0].split():
+            assert url.startswith(raw), f"EXTENSION_{field} {url} is not a file of {homepage}"
+            assert (REPO_ROOT / url[len(raw):]).is_file(), f"EXTENSION_{field} names {url[len(raw):]}, not in the repository"
 
     order = [
         ("find_package", ["Slicer", "REQUIRED"]),

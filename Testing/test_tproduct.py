@@ -5,29 +5,7 @@ import pytest
 import torch
 
 from TCURLoRALib.tcur import t_identity, t_pinv, t_product, t_transpose
-
-
-def bcirc(a: torch.Tensor) -> torch.Tensor:
-    """Block-circulant matrix of ``a`` (n1 x n2 x n3): block (i, j) is the frontal slice (i - j) mod n3."""
-    n1, n2, n3 = a.shape
-    out = torch.zeros(n1 * n3, n2 * n3, dtype=a.dtype)
-    for i in range(n3):
-        for j in range(n3):
-            out[i * n1 : (i + 1) * n1, j * n2 : (j + 1) * n2] = a[:, :, (i - j) % n3]
-    return out
-
-
-def naive_t_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """fold(bcirc(A) @ unfold(B)), written from the definition with no FFT."""
-    n1, _, n3 = a.shape
-    n4 = b.shape[1]
-    unfolded = torch.cat([b[:, :, k] for k in range(n3)], dim=0)
-    product = bcirc(a) @ unfolded
-    return torch.stack([product[k * n1 : (k + 1) * n1] for k in range(n3)], dim=-1).reshape(n1, n4, n3)
-
-
-def random(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+from tensor_reference import bcirc, naive_t_product, random
 
 
 @pytest.mark.parametrize("n3", [1, 4, 5, 12])

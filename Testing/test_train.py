@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from synthetic import BASE_LABELS, TARGET, case_arrays, make_tiny_base, tiny_card_fields, write_case
-from TCURLoRALib import files, volumes
+from TCURLoRALib import tensorfiles, volumes
 from TCURLoRALib.adapter import AdaptedUNETR
 from TCURLoRALib.basemodel import load_base
 from TCURLoRALib.cards import ModelCard
@@ -18,7 +18,9 @@ from TCURLoRALib.cases import (IGNORE_INDEX, IGNORE_VALUE, AnnotatedSlices, Labe
                                parse_annotated_slices, prepare_case, prepare_cases)
 from TCURLoRALib.progress import Cancelled
 from TCURLoRALib.tcur import TCURLoRAConfig, TCURLoRAModel
-from TCURLoRALib.train import masked_dice_ce, pretrain, split_cases, train_adapter
+from TCURLoRALib.loss import masked_dice_ce
+from TCURLoRALib.train import pretrain, train_adapter
+from TCURLoRALib.validation import split_cases
 
 TARGET_LABELS = [BASE_LABELS[0], TARGET]
 # At 1.6 mm a synthetic case covers about 30 x 32 x 29 voxels of the 2 mm model grid: one sliding window instead of
@@ -42,7 +44,7 @@ def tiny_card() -> ModelCard:
 
 
 def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return files.load(path, kind="adapter")[0]
+    return tensorfiles.load(path, kind="adapter")[0]
 
 
 # ---------------------------------------------------------------- end to end
@@ -59,6 +61,14 @@ def test_adapter_learns_a_label_the_base_never_saw(data: dict, tmp_path: Path) -
     before, after = validation["initial"]["dice"]["target"], validation["dice"]["target"]
     assert validation["step"] == 12 and after > 0.4 and after > before + 0.3, (before, after)
     assert card.training["cases"] == 2 and card.training["steps"] == 12 and card.training["seed"] == 0
+    # The card keeps how the case structures were mapped and which cases validated.
+    assert card.training["label_mapping"] == [
+        {"value": 1, "segment": "Segment_1", "label": "background", "rule": "--unmapped background"},
+        {"value": 2, "segment": "Segment_2", "label": "background", "rule": "--unmapped background"},
+        {"value": 5, "segment": "Segment_5", "label": "target", "rule": "same value"}]
+    assert card.training["validation_split"] == {"train": ["case0_image", "case1_image"],
+                                                 "validation": ["case2_image"],
+                                                 "rule": "validation cases given with --validation"}
     assert card.training["trainable"]["head"] > 0  # new label set: the head trained
     # U itself trained: it left U0 in every group, so its gradient was non-zero, and ΔW != 0.
     tensors = adapter_tensors(tmp_path / "target.safetensors")
@@ -108,7 +118,7 @@ def test_continuing_an_adapter_starts_from_it_and_records_the_parent(data: dict,
                          unmapped="background", parent_adapter=parent_path)
     assert back.training["trainable"]["head"] == 0
     assert not any(key.startswith("out.") for key in adapter_tensors(tmp_path / "back.safetensors"))
-    with pytest.raises(ValueError, match=r"keeps its settings; got rank 8 \(parent: 4\)"):
+    with pytest.raises(ValueError, match=r"keeps its settings; got --rank 8 \(parent: 4\)"):
         train_adapter(data["base"], data["cases"][:1], None, tmp_path / "bad.safetensors", steps=0, rank=8,
                       unmapped="background", parent_adapter=parent_path)
 
@@ -136,7 +146,8 @@ def test_pretrain_writes_a_loadable_base_with_validation_dice(data: dict, tmp_pa
     assert base.card == card and base.card.name == "pre"
     assert set(card.metrics["validation"]["dice"]) == {"grey matter", "white matter"}
     assert card.provenance["training"]["steps"] == 2
-    assert events[0] == "start" and events.count("step") == 2 and events[-1] == "done"
+    # The split and the mapping are reported before the first step.
+    assert events[:3] == ["log", "log", "start"] and events.count("step") == 2 and events[-1] == "done"
 
 
 # ---------------------------------------------------------------- loss and sparse annotation
@@ -186,7 +197,7 @@ def test_annotated_slices_and_the_ignore_value_leave_other_voxels_out(tmp_path: 
 
 def test_unmapped_label_values_are_listed(tmp_path: Path) -> None:
     case = TrainingCase(*write_case(tmp_path, 0))
-    with pytest.raises(ValueError, match=r"map to no adapter label: 1 'Segment_1', 2 'Segment_2'\. Adapter labels: "
+    with pytest.raises(ValueError, match=r"map to no adapter label: 1, 2\. Adapter labels: "
                                          r"0 'background', 5 'target'"):
         prepare_case(case, tiny_card(), LabelMapping(TARGET_LABELS))
     as_background = prepare_case(case, tiny_card(), LabelMapping(TARGET_LABELS, unmapped="background"))
@@ -208,6 +219,17 @@ def test_segment_names_map_to_adapter_labels(tmp_path: Path) -> None:
     # Named segments never match by value alone: "Cortex" (value 1) is not "grey matter" (value 1).
     with pytest.raises(ValueError, match=r"1 'Cortex', 2 'Deep white'"):
         prepare_case(case, tiny_card(), LabelMapping(BASE_LABELS + [TARGET], {"Left hippocampus": "target"}))
+    # Nor by a value key onto a label of another name: refused, with the case's mapping shown.
+    with pytest.raises(ValueError, match=r"--label-map sends named segments by their value to labels of another "
+                                         r"name: 5 'Left hippocampus' -> 'target'\. The mapping of this case:\n"
+                                         r"  1 'Cortex' +-> 0 background +\(--unmapped background\)\n(.|\n)*"
+                                         r"--label-map '\{\"Left hippocampus\": \"target\"\}'"):
+        prepare_case(case, tiny_card(), LabelMapping(TARGET_LABELS, {"5": "target"}, unmapped="background"))
+    assert mapping.describe().splitlines() == [
+        "label mapping (case label value [segment name] -> adapter label):",
+        "  1 'Cortex'           -> 0 background  (--unmapped background)",
+        "  2 'Deep white'       -> 0 background  (--unmapped background)",
+        "  5 'Left hippocampus' -> 5 target      (--label-map by name)"]
 
 
 def test_label_mapping_errors(tmp_path: Path) -> None:
@@ -278,11 +300,16 @@ def test_cases_from_folders_and_json(tmp_path: Path) -> None:
 
 def test_automatic_validation_split_rule() -> None:
     cases = [TrainingCase(Path(f"c{i}.nii"), Path(f"l{i}.nii")) for i in range(5)]
-    assert split_cases(cases[:1], "auto", seed=7) == (cases[:1], [])
+    one = split_cases(cases[:1], "auto", seed=7)
+    assert (one.train, one.validation) == (cases[:1], []) and "one case: nothing to hold out" in one.reason
     for seed in range(3):  # N = 3: case seed % 3 is held out, so seeds 0, 1, 2 rotate through the cases
-        train, held = split_cases(cases[:3], "auto", seed)
-        assert held == [cases[seed]] and train == [c for c in cases[:3] if c != cases[seed]]
-    assert split_cases(cases[:2], "auto", seed=1)[1] == [cases[1]]
-    train, held = split_cases(cases, "auto", seed=0)  # N >= 4: ceil(N / 5) held out
-    assert len(held) == 1 and sorted(c.name for c in train + held) == sorted(c.name for c in cases)
-    assert split_cases(cases, "none", seed=0) == (cases, [])
+        split = split_cases(cases[:3], "auto", seed)
+        assert split.validation == [cases[seed]] and split.train == [c for c in cases[:3] if c != cases[seed]]
+        assert f"number --seed % 3 = {seed}" in split.reason
+    assert split_cases(cases[:2], "auto", seed=1).validation == [cases[1]]
+    split = split_cases(cases, "auto", seed=0)  # N >= 4: ceil(N / 5) held out
+    assert len(split.validation) == 1
+    assert sorted(c.name for c in split.train + split.validation) == sorted(c.name for c in cases)
+    assert "ceil(5 / 5) = 1 of 5 cases, drawn with --seed 0" in split.reason
+    split = split_cases(cases, "none", seed=0)
+    assert (split.train, split.validation) == (cases, [])

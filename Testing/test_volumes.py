@@ -1,4 +1,5 @@
-"""Tests of TCURLoRALib.volumes: reading, model grid round trips, writing, and the error messages."""
+"""Tests of the volume modules (volumes, geometry, labelmap, modelgrid, segnrrd): reading, model grid round trips,
+writing, and the error messages."""
 from __future__ import annotations
 
 import math
@@ -402,6 +403,37 @@ def test_normalizations_give_their_documented_ranges():
         volumes.normalize_intensity(np.zeros(8), ZSCORE)
 
 
+def test_normalizations_equal_monais_transforms():
+    """MONAI as the independent reference: NormalizeIntensity(nonzero=True) and
+    ScaleIntensityRangePercentiles(b_min=0, b_max=1, clip=True) give the same values (to float32 rounding)."""
+    from monai.transforms import NormalizeIntensity, ScaleIntensityRangePercentiles
+
+    array = np.random.default_rng(0).normal(50, 20, (20, 21, 22)).astype(np.float32)
+    array[array < 40] = 0
+    np.testing.assert_allclose(volumes.normalize_intensity(array, ZSCORE),
+                               np.asarray(NormalizeIntensity(nonzero=True)(array)), rtol=0, atol=1e-6)
+    reference = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)(array)
+    np.testing.assert_allclose(volumes.normalize_intensity(array, PERCENTILE), np.asarray(reference), rtol=0, atol=1e-6)
+
+
+NO_TORCH = """
+import numpy as np
+import SimpleITK as sitk
+from TCURLoRALib import volumes
+image = sitk.GetImageFromArray(np.arange(16 * 18 * 20, dtype=np.float32).reshape(16, 18, 20))
+prepared = volumes.prepare_for_model(image, (2.0, 2.0, 2.0), "RAS", {"kind": "zscore_nonzero"})
+print(prepared.array.shape)
+"""
+
+
+def test_volumes_need_no_torch():
+    from faults import run_python_without
+
+    result = run_python_without(("torch", "monai"), NO_TORCH)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(8, 9, 10)"
+
+
 def test_predictions_of_the_wrong_shape_or_type_are_refused():
     mapping = volumes.prepare_for_model(_image(), (2.0, 2.0, 2.0), "RAS", ZSCORE).mapping
     with pytest.raises(ValueError, match=r"prediction on the model grid must have shape \(20, 18, 16\)"):
@@ -427,5 +459,5 @@ def test_segmentation_refuses_labels_without_segment(tmp_path):
         volumes.write_segmentation(tmp_path / "x.seg.nrrd", labels, GRID, [Segment(1, "one")])
     with pytest.raises(ValueError, match=r"must end with '\.seg\.nrrd'"):
         volumes.write_segmentation(tmp_path / "x.nrrd", labels, GRID, [Segment(2, "two")])
-    with pytest.raises(FileNotFoundError, match=r"no such folder"):
+    with pytest.raises(FileNotFoundError, match=r"folder .*missing. does not exist"):
         volumes.write_segmentation(tmp_path / "missing" / "x.seg.nrrd", labels, GRID, [Segment(2, "two")])

@@ -18,12 +18,13 @@ import torch
 from monai.networks.blocks import UnetOutBlock
 from torch import nn
 
-from . import files
+from . import files, tensorfiles
 from .basemodel import BaseModel
 from .cards import AdapterCard, Label, check_adapter_matches_base
+from .store import resolve_adapter
 from .tcur import DECODER_BLOCKS, HEAD, TCURLoRAConfig, TCURLoRAModel
 
-__all__ = ["AdaptedUNETR", "adapter_tensors", "attach_head", "read_adapter", "save_adapter"]
+__all__ = ["AdaptedUNETR", "adapter_file_bytes", "adapter_tensors", "attach_head", "read_adapter", "save_adapter"]
 
 GROUP_PREFIX = "tcur."
 GROUP_KEYS = ("rows", "cols", "u_init", "u")
@@ -60,9 +61,14 @@ def adapter_tensors(model: TCURLoRAModel, include_head: bool) -> dict[str, torch
     return tensors
 
 
+def adapter_file_bytes(model: TCURLoRAModel, include_head: bool) -> int:
+    """Bytes of the tensors an adapter file of ``model`` holds (the file adds a header of a few kB)."""
+    return sum(value.numel() * value.element_size() for value in adapter_tensors(model, include_head).values())
+
+
 def save_adapter(path: str | os.PathLike, model: TCURLoRAModel, card: AdapterCard, include_head: bool) -> Path:
     """Write the adapter of ``model`` with ``card`` atomically."""
-    return files.save_atomic(path, adapter_tensors(model, include_head), card.to_json(), kind="adapter")
+    return tensorfiles.save_atomic(path, adapter_tensors(model, include_head), card.to_json(), kind="adapter")
 
 
 def read_adapter(path: str | os.PathLike, base: BaseModel) -> tuple[dict[str, torch.Tensor], AdapterCard]:
@@ -72,7 +78,7 @@ def read_adapter(path: str | os.PathLike, base: BaseModel) -> tuple[dict[str, to
         AdapterMismatchError: the adapter was trained on another base (both fingerprints and names are given).
         TCURLoRAFileError: a missing, truncated or foreign file, or tensors that do not fit its card or the base.
     """
-    tensors, card_json = files.load(path, kind="adapter")
+    tensors, card_json = tensorfiles.load(path, kind="adapter")
     card = AdapterCard.from_json(card_json)
     check_adapter_matches_base(card, base.card)
     expected_groups = {f"{GROUP_PREFIX}{group}.{key}" for group in card.groups for key in GROUP_KEYS}
@@ -101,6 +107,13 @@ def read_adapter(path: str | os.PathLike, base: BaseModel) -> tuple[dict[str, to
     unknown = sorted(set(tensors) - expected_groups - decoder_names - {n for n in tensors if _is_head(n)})
     if unknown:
         raise files.TCURLoRAFileError(f"adapter {str(path)!r} holds unexpected tensors {unknown[:5]}")
+    # A digest proves the file is as written, not that what was written is usable: NaN weights give an all-background
+    # segmentation, so they are refused here, before anything is merged.
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            raise files.TCURLoRAFileError(f"adapter {str(path)!r} holds {count} non-finite values (NaN or infinity) "
+                                          f"in {name!r}: it cannot be used; retrain it")
     return tensors, card
 
 
@@ -143,11 +156,13 @@ class AdaptedUNETR:
         return self.adapter_card.labels if self.adapter_card else self.base.card.labels
 
     @torch.no_grad()
-    def set_adapter(self, path: str | os.PathLike | None) -> AdapterCard | None:
-        """Activate the adapter in ``path`` (checked against the base first), or none for ``None``.
+    def set_adapter(self, adapter: str | os.PathLike | None) -> AdapterCard | None:
+        """Activate an adapter (checked against the base first): its file, or its name in the store
+        (:func:`TCURLoRALib.store.resolve_adapter`); ``None`` or ``"none"`` for the base alone.
 
         On an error the previous state is kept: the new file is read and checked before anything changes.
         """
+        path = resolve_adapter(adapter)
         loaded = read_adapter(path, self.base) if path is not None else None
         self._clear()
         if loaded is None:

@@ -11,7 +11,7 @@ import torch
 from monai.networks.nets import UNETR
 from torch import nn
 
-from . import files
+from . import files, tensorfiles
 from .cards import ModelCard
 
 __all__ = ["BaseModel", "build_unetr", "import_checkpoint", "load_base", "save_base"]
@@ -62,8 +62,8 @@ def save_base(
         the card written.
     """
     weights = weights_of(model, dtype)
-    card = ModelCard.from_json({**dict(card_fields), "fingerprint": files.fingerprint(weights)})
-    files.save_atomic(path, weights, card.to_json(), kind="base")
+    card = ModelCard.from_json({**dict(card_fields), "fingerprint": tensorfiles.fingerprint(weights)})
+    tensorfiles.save_atomic(path, weights, card.to_json(), kind="base")
     return card
 
 
@@ -81,9 +81,9 @@ def load_base(path: str | os.PathLike, device: str | torch.device = "cpu") -> Ba
             fingerprint in its card.
         CardError: the card is invalid.
     """
-    tensors, card_json = files.load(path, kind="base")
+    tensors, card_json = tensorfiles.load(path, kind="base")
     card = ModelCard.from_json(card_json)
-    actual = files.fingerprint(tensors)
+    actual = tensorfiles.fingerprint(tensors)
     if actual != card.fingerprint:
         raise files.TCURLoRAFileError(
             f"the weights in {str(path)!r} do not match the fingerprint of its card (card {card.fingerprint}, "

@@ -87,7 +87,7 @@ class ModelCard:
             embeddings fix its input size.
         intensity: intensity normalisation settings (non-empty; interpreted by the volume code).
         labels: one per output channel, ``labels[0]`` background with value 0.
-        fingerprint: sha256 of the weights (``files.fingerprint``), 64 lowercase hex digits.
+        fingerprint: sha256 of the weights (``tensorfiles.fingerprint``), 64 lowercase hex digits.
         provenance: where the weights and training data came from (free-form JSON object).
         metrics: measured quality (free-form JSON object).
     """

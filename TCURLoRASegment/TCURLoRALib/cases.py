@@ -19,8 +19,9 @@ Sparse annotation. A case may be annotated on some voxels only; the others are l
 
 - voxels of value :data:`IGNORE_VALUE` (65535) in the label map are "not annotated";
 - the case declares ``"annotated_slices": {"axis": "z", "indices": [12, 20]}`` (CLI: ``--annotated-slices
-  z:12,20``): only those slices are annotated (anything drawn elsewhere is ignored too). ``axis`` is ``x``, ``y``
-  or ``z`` = the image file's voxel axes i, j, k (Slicer's IJK), indices are 0-based voxel indices along it.
+  z:12,20`` after its ``--case``): only those slices are annotated (anything drawn elsewhere is ignored too).
+  ``axis`` is ``x``, ``y`` or ``z`` = the image file's voxel axes i, j, k (Slicer's IJK), indices are 0-based voxel
+  indices along it.
   A label map that is empty is accepted for such a case: its annotated slices are then all background.
 
 The model grid may have another spacing than the image; annotations go there by nearest-neighbour resampling, so a
@@ -35,10 +36,13 @@ segmentation also a segment name) is assigned to one adapter label, in this orde
 2. without an entry: a named segment (a Slicer segmentation's name, not an automatic ``Segment_<value>``) goes to
    the adapter label of the same name; an unnamed one (a plain label volume) to the adapter label of the same value;
 3. otherwise the structure is unmapped: an error that lists every unmapped structure (default), or, on request,
-   background (``unmapped="background"``) or not annotated (``unmapped="ignore"``).
+   background (``--unmapped background``) or not annotated (``--unmapped ignore``).
 
 Value 0 is always background (``labels[0]``). A mapping key that matches no structure of any case is an error (a
-typo would otherwise go unnoticed).
+typo would otherwise go unnoticed), and so is an entry keyed by value that sends a named segment to a label of
+another name (the values of a segmentation are not its meaning: key such an entry by the segment's name). What each
+structure became, and by which rule, is kept (:meth:`LabelMapping.describe`, :meth:`LabelMapping.to_json`): a
+training prints it before it starts and keeps it in the adapter's card.
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ import numpy as np
 
 from . import volumes
 from .cards import Label, ModelCard
+from .settings import UNMAPPED_POLICIES
 
 __all__ = [
     "AXES", "IGNORE_INDEX", "IGNORE_VALUE", "UNMAPPED_POLICIES", "AnnotatedSlices", "LabelMapping", "PreparedCase",
@@ -67,7 +72,6 @@ IGNORE_VALUE = 65535
 IGNORE_INDEX = -1
 """Channel index of not-annotated voxels in :attr:`PreparedCase.target`."""
 AXES = ("x", "y", "z")
-UNMAPPED_POLICIES = ("error", "background", "ignore")
 
 _AUTO_NAME = re.compile(r"Segment_(\d+)")
 _NNUNET_CHANNEL = re.compile(r"_0000$")
@@ -154,6 +158,8 @@ class LabelMapping:
         labels: the adapter's labels, ``labels[0]`` the background.
         entries: ``{segment name or value: adapter label name or value}``; keys and values may be strings or ints.
         unmapped: what an unmapped structure becomes: ``"error"`` (default), ``"background"`` or ``"ignore"``.
+        by_value: whether rule 2 sends an unnamed structure to the label of its value (default); off for labels
+            whose values mean nothing in the cases (made from a mapping's names, see :mod:`labelset`).
 
     Raises:
         ValueError: an entry names no adapter label, or an unknown ``unmapped`` policy.
@@ -162,11 +168,14 @@ class LabelMapping:
     labels: Sequence[Label]
     entries: Mapping[Any, Any] = field(default_factory=dict)
     unmapped: str = "error"
+    by_value: bool = True
     used_keys: set = field(default_factory=set, init=False)
+    decisions: dict = field(default_factory=dict, init=False)
+    """``{(value, segment name): (channel index or IGNORE_INDEX, rule)}`` over every case seen."""
 
     def __post_init__(self) -> None:
         if self.unmapped not in UNMAPPED_POLICIES:
-            raise ValueError(f"unmapped must be one of {UNMAPPED_POLICIES}, got {self.unmapped!r}")
+            raise ValueError(f"--unmapped must be one of {', '.join(UNMAPPED_POLICIES)}, got {self.unmapped!r}")
         self.labels = list(self.labels)
         self._targets = {str(key).strip(): self._channel_of(target, key) for key, target in self.entries.items()}
 
@@ -175,9 +184,9 @@ class LabelMapping:
         for index, label in enumerate(self.labels):
             if label.name.casefold() == text.casefold() or str(label.value) == text:
                 return index
-        known = ", ".join(f"{label.value} {label.name!r}" for label in self.labels)
         raise ValueError(f"label mapping {str(key)!r} -> {target!r}: the adapter has no label {target!r} "
-                         f"(its labels: {known})")
+                         f"(its labels: {_listing(self.labels)}): add it to --labels, or leave --labels out to "
+                         f"make the names in --label-map new labels")
 
     def channels(self, segments: Sequence[volumes.Segment], case_name: str) -> dict[int, int]:
         """``{label value in the case: channel index or IGNORE_INDEX}`` for the given structures of one case.
@@ -185,44 +194,88 @@ class LabelMapping:
         Raises:
             ValueError: with ``unmapped="error"``, listing every structure that maps to no adapter label.
         """
-        result, unmapped = {}, []
+        result, unmapped, renamed, decided = {}, [], [], {}
         for segment in segments:
             if segment.value == IGNORE_VALUE:
                 continue
-            channel = self._explicit(segment)
+            channel, rule = self._explicit(segment)
+            if channel is not None and rule == "--label-map by value" and _is_named(segment) \
+                    and self.labels[channel].name.casefold() != segment.name.casefold() and channel != 0:
+                renamed.append(segment)
             if channel is None:
-                channel = self._implicit(segment)
+                channel, rule = self._implicit(segment)
             if channel is None:
                 unmapped.append(segment)
                 channel = {"background": 0, "ignore": IGNORE_INDEX}.get(self.unmapped)
+                rule = f"--unmapped {self.unmapped}"
             result[segment.value] = channel
-        if unmapped and self.unmapped == "error":
-            listed = ", ".join(f"{s.value} {s.name!r}" for s in unmapped)
-            known = ", ".join(f"{label.value} {label.name!r}" for label in self.labels)
+            decided[(segment.value, segment.name)] = (channel, rule)
+        if renamed:
+            listed = ", ".join(f"{s.value} {s.name!r} -> {self.labels[result[s.value]].name!r}" for s in renamed)
+            example = json.dumps({renamed[0].name: self.labels[result[renamed[0].value]].name})
             raise ValueError(
-                f"case {case_name!r}: label values map to no adapter label: {listed}. Adapter labels: {known}. "
-                f"Give a label mapping (e.g. {{\"{unmapped[0].value}\": \"{self.labels[-1].name}\"}}) or treat "
-                f"unmapped structures as background (unmapped='background') or as not annotated (unmapped='ignore')")
+                f"case {case_name!r}: --label-map sends named segments by their value to labels of another name: "
+                f"{listed}. The mapping of this case:\n{self._lines(decided)}\nA segmentation's values are not its "
+                f"meaning: key such entries by the segment's name (e.g. --label-map '{example}') if that is meant")
+        if unmapped and self.unmapped == "error":
+            listed = ", ".join(f"{s.value} {s.name!r}" if _is_named(s) else str(s.value) for s in unmapped)
+            key = unmapped[0].name if _is_named(unmapped[0]) else str(unmapped[0].value)
+            example = json.dumps({key: self.labels[-1].name})
+            rule = ("segment names are matched to label names, unnamed values to label values" if self.by_value else
+                    "labels made from --label-map names get structures through --label-map only")
+            raise ValueError(
+                f"case {case_name!r}: label values map to no adapter label: {listed}. Adapter labels: "
+                f"{_listing(self.labels)} ({rule}). Map them with --label-map (e.g. --label-map '{example}'; a name "
+                f"that is no label yet becomes a new label when --labels is not given), or make them all "
+                f"background (--unmapped background) or not annotated (--unmapped ignore)")
+        self.decisions.update(decided)
         return result
 
-    def _explicit(self, segment: volumes.Segment) -> int | None:
-        for key in (segment.name, str(segment.value)):
+    def _explicit(self, segment: volumes.Segment) -> tuple[int | None, str]:
+        for key, rule in ((segment.name, "--label-map by name"), (str(segment.value), "--label-map by value")):
             if key in self._targets:
                 self.used_keys.add(key)
-                return self._targets[key]
+                return self._targets[key], rule
         folded = {key.casefold(): key for key in self._targets}
         key = folded.get(segment.name.casefold())
         if key is not None:
             self.used_keys.add(key)
-            return self._targets[key]
-        return None
+            return self._targets[key], "--label-map by name"
+        return None, ""
 
-    def _implicit(self, segment: volumes.Segment) -> int | None:
-        unnamed = _AUTO_NAME.fullmatch(segment.name) is not None
+    def _implicit(self, segment: volumes.Segment) -> tuple[int | None, str]:
+        named = _is_named(segment)
+        if not named and not self.by_value:
+            return None, ""
         for index, label in enumerate(self.labels):
-            if (label.value == segment.value) if unnamed else (label.name.casefold() == segment.name.casefold()):
-                return index
-        return None
+            if (label.name.casefold() == segment.name.casefold()) if named else (label.value == segment.value):
+                return index, "same name" if named else "same value"
+        return None, ""
+
+    def _target_name(self, channel: int) -> str:
+        if channel == IGNORE_INDEX:
+            return "not annotated"
+        return f"{self.labels[channel].value} {self.labels[channel].name}"
+
+    def _lines(self, decided: Mapping[tuple, tuple]) -> str:
+        rows = [(f"{value}" + (f" {name!r}" if _AUTO_NAME.fullmatch(name) is None else ""),
+                 self._target_name(channel), rule) for (value, name), (channel, rule) in sorted(decided.items())]
+        width = max(len(row[0]) for row in rows)
+        target_width = max(len(row[1]) for row in rows)
+        return "\n".join(f"  {source.ljust(width)} -> {target.ljust(target_width)}  ({rule})"
+                         for source, target, rule in rows)
+
+    def describe(self) -> str:
+        """The mapping of every case seen, one line a structure: ``1 -> 1 left hippocampus  (same value)``."""
+        if not self.decisions:
+            return "label mapping: no structure seen"
+        return "label mapping (case label value [segment name] -> adapter label):\n" + self._lines(self.decisions)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """The mapping for a card: ``[{"value", "segment", "label" (name, or None: not annotated), "rule"}]``."""
+        return [{"value": value, "segment": name,
+                 "label": None if channel == IGNORE_INDEX else self.labels[channel].name, "rule": rule}
+                for (value, name), (channel, rule) in sorted(self.decisions.items())]
 
     def check_all_used(self) -> None:
         """Raises ValueError naming mapping keys that matched no structure of any case seen so far."""
@@ -230,6 +283,15 @@ class LabelMapping:
         if unused:
             raise ValueError(f"label mapping keys {unused} match no label value or segment name of any case: "
                              f"check their spelling")
+
+
+def _is_named(segment: volumes.Segment) -> bool:
+    """A Slicer segment's own name, not the automatic ``Segment_<value>`` of a plain label volume."""
+    return _AUTO_NAME.fullmatch(segment.name) is None
+
+
+def _listing(labels: Sequence[Label]) -> str:
+    return ", ".join(f"{label.value} {label.name!r}" for label in labels)
 
 
 def parse_label_mapping(spec: Mapping[str, Any] | str | PathLike | None) -> dict[str, Any]:
@@ -267,7 +329,7 @@ def parse_annotated_slices(text: str) -> AnnotatedSlices:
     try:
         values = [int(part) for part in indices.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"annotated slices must look like 'z:3,10,17', got {text!r}") from None
+        raise ValueError(f"--annotated-slices must look like 'z:3,10,17', got {text!r}") from None
     return AnnotatedSlices(axis.strip().lower(), tuple(values))
 
 

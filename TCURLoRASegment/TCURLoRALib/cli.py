@@ -1,12 +1,20 @@
-"""The command-line interface: ``python -m TCURLoRALib {segment,train,pretrain,evaluate,adapters,info}``.
+"""The command-line interface: ``python -m TCURLoRALib {segment,train,pretrain,evaluate,demo,adapters,info}``.
 
-Exit codes: 0 success, 2 bad input (a file, an argument or a card that cannot be used), 3 internal error,
-130 cancelled (SIGINT or SIGTERM). With ``--progress json`` every event, the final error included, is one JSON object
-a line on standard output (see :mod:`TCURLoRALib.progress`); human-readable messages go to standard error.
+Exit codes: 0 success, 2 bad input (a file, an argument or a card that cannot be used, or a learning rate that made
+training diverge), 3 internal error, 130 cancelled (SIGINT, SIGTERM or the file named by ``$TCURLORA_CANCEL_FILE``).
+With ``--progress json`` every event, the final error included, is one JSON object a line on standard output (see
+:mod:`TCURLoRALib.progress`); messages for people go to standard error: a bar on a terminal, plain lines in a log.
+Options may follow the command and its action (``adapters list --progress none``). The training options, their help
+and their printed defaults come from :class:`~TCURLoRALib.settings.TrainSettings`.
+
+Under torchrun (``torchrun --nproc_per_node N -m TCURLoRALib train|pretrain ...``, :mod:`TCURLoRALib.distributed`)
+the processes share the training; the first (rank 0) alone reports progress and writes, and every process prints its
+own errors, marked ``[rank R]``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -14,8 +22,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import __version__
-from .progress import Cancelled, JsonLinesProgress, Progress, TerminalProgress, silent
+import TCURLoRALib as engine
+
+from . import TrainSettings, World, __version__
+from .progress import Cancelled, JsonLinesProgress, PlainProgress, Progress, TerminalProgress, cancellable, silent
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CANCELLED", "EXIT_INTERNAL", "EXIT_OK", "build_parser", "main"]
 
@@ -23,13 +33,19 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 EXIT_CANCELLED = 130
+PROGRESS_MODES = ("auto", "bar", "plain", "json", "none")
+TRAINING_FIELDS = tuple(field.name for field in dataclasses.fields(TrainSettings))
+PRETRAINING_FIELDS = tuple(name for name in TRAINING_FIELDS if name not in ("rank", "init", "groups", "lr_u"))
+TORCHRUN_COMMANDS = ("train", "pretrain")
 
 Handler = Callable[[argparse.Namespace, Progress], Any]
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     # ValueError covers CardError, TCURLoRAFileError and the volume checks; argparse's own errors exit with 2 too.
-    return (ValueError, FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)
+    # FloatingPointError: the loss diverged, which the learning rates the user chose decide.
+    return (ValueError, FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            FloatingPointError)
 
 
 def _raise_cancelled(signum: int, _frame: Any) -> None:
@@ -42,100 +58,60 @@ def install_cancel_handlers() -> None:
         signal.signal(signum, _raise_cancelled)
 
 
+def run_command(handler: Handler, args: argparse.Namespace, progress: Progress) -> Any:
+    """Runs a command's handler; a :class:`Cancelled` that a library wrapped in an error of its own (MONAI's
+    transforms re-raise whatever they meet as RuntimeError) comes out as :class:`Cancelled` again."""
+    try:
+        return handler(args, progress)
+    except Exception as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, Cancelled):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise Cancelled(str(cause)) from None
+
+
 def _make_progress(mode: str) -> Progress:
     if mode == "json":
         return JsonLinesProgress(sys.stdout)
     if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
         return TerminalProgress(sys.stderr)
+    if mode in ("plain", "auto"):
+        return PlainProgress(sys.stderr)
     return silent
-
-
-# ---------------------------------------------------------------------------------------------------- resolving
-
-
-def resolve_base(argument: str | None) -> Path:
-    """``--base``: a file, or else the one shipped base model."""
-    from . import files
-    from .paths import shipped_models_dir
-
-    if argument:
-        path = Path(argument)
-        if not path.is_file():
-            raise FileNotFoundError(f"base model {argument!r} does not exist")
-        return path
-    folder = shipped_models_dir()
-    bases = []
-    for candidate in sorted(folder.glob("*.safetensors")):
-        try:
-            if files.read_info(candidate)[0] == "base":
-                bases.append(candidate)
-        except files.TCURLoRAFileError:
-            continue
-    if len(bases) != 1:
-        found = "none" if not bases else ", ".join(p.name for p in bases)
-        raise ValueError(f"give --base: {len(bases)} shipped base models in {str(folder)!r} ({found})")
-    return bases[0]
-
-
-def adapter_store():
-    from .paths import shipped_models_dir
-    from .store import AdapterStore
-
-    return AdapterStore(shipped_models_dir())
-
-
-def resolve_adapter(argument: str | None) -> Path | None:
-    """``--adapter``: an adapter file, or the name of one in the store; ``None`` or ``"none"`` for the base alone."""
-    if argument is None or argument.lower() == "none":
-        return None
-    path = Path(argument)
-    if path.suffix == ".safetensors" or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter file {argument!r} does not exist")
-        return path
-    return adapter_store().find(argument).path
 
 
 # ---------------------------------------------------------------------------------------------------- commands
 
 
 def _segment(args: argparse.Namespace, progress: Progress) -> None:
-    from .segment import segment
-
-    result = segment(
-        args.image, resolve_base(args.base), args.output, adapter_path=resolve_adapter(args.adapter),
-        seg_nrrd_path=args.seg_nrrd, probabilities_path=args.probabilities, overlap=args.overlap,
-        sw_batch_size=args.sw_batch_size, device=args.device, progress=progress,
+    result = engine.segment(
+        args.image, args.output, adapter=args.adapter, base=args.base, seg_nrrd_path=args.seg_nrrd,
+        probabilities_path=args.probabilities, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+        threads=args.threads, overwrite=args.overwrite, progress=progress, **_given(device=args.device),
     )
-    if args.progress != "json":
+    if _for_people(args):
         for name, millilitres in result.volumes_ml.items():
             print(f"{name}: {millilitres:.2f} mL")
 
 
 def _demo(args: argparse.Namespace, progress: Progress) -> None:
-    from .demo import format_report, run_demo
-    from .paths import SAMPLE_IMAGE, SAMPLE_REFERENCE, shipped_samples_dir
-
-    samples = shipped_samples_dir()
-    image = Path(args.image) if args.image else samples / SAMPLE_IMAGE
-    reference = args.reference or (None if args.image else samples / SAMPLE_REFERENCE)
-    shipped = [entry for entry in adapter_store().list() if entry.source == "shipped"]
-    runs = run_demo(resolve_base(args.base), shipped, image, args.output, reference_path=reference,
-                    device=args.device, progress=progress)
-    if args.progress != "json":
-        print(format_report(runs))
+    runs = engine.run_demo(args.output, image_path=args.image, reference_path=args.reference, base=args.base,
+                           threads=args.threads, overwrite=args.overwrite, progress=progress,
+                           **_given(device=args.device))
+    if _for_people(args):
+        print(engine.format_demo_report(runs))
         print(f"outputs in {Path(args.output).resolve()}")
 
 
 def _info(args: argparse.Namespace, progress: Progress) -> None:
-    from . import files
-
-    kind, card = files.read_info(args.path)
+    kind, card = engine.read_info(args.path)
     print(json.dumps({"kind": kind, "card": card}, indent=2))
 
 
 def _adapters(args: argparse.Namespace, progress: Progress) -> None:
-    store = adapter_store()
+    store = engine.adapter_store()
     if args.action == "list":
         entries = store.list()
         if args.json:
@@ -168,23 +144,30 @@ def _json_argument(text: str | None, what: str) -> Any:
         raise ValueError(f"{what} is neither a JSON file nor valid JSON: {error}") from error
 
 
+def _labels_argument(text: str | None) -> list | None:
+    """``--labels``: a JSON list of ``{value, name, color}`` (inline or a file), or names separated by commas."""
+    if text is None:
+        return None
+    if text.strip()[:1] in ("[", "{") or text.endswith(".json") or Path(text).is_file():
+        data = _json_argument(text, "--labels")
+        if not isinstance(data, list):
+            raise ValueError(f"--labels must be a JSON list of {{value, name, color}} objects, got {data!r:.200}")
+        return data
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ValueError(f"--labels: an empty label name in {text!r} (names are separated by commas)")
+    return names
+
+
 def _cases(args: argparse.Namespace) -> Any:
     if args.cases and args.case:
         raise ValueError("give cases either with --cases (folder or JSON) or with --case IMAGE LABEL, not both")
     if args.case:
-        return [tuple(pair) for pair in args.case]
+        return [engine.TrainingCase(Path(case[0]), Path(case[1]), annotated_slices=engine.parse_annotated_slices(
+            case[2]) if len(case) > 2 else None) for case in args.case]
     if args.cases:
         return args.cases
     raise ValueError("no training cases: give --cases FOLDER_OR_JSON or --case IMAGE LABEL")
-
-
-def _adapter_output(args: argparse.Namespace) -> tuple[Path, str]:
-    if args.out:
-        out = Path(args.out)
-        return out, args.name or out.name.removesuffix(".safetensors")
-    if not args.name:
-        raise ValueError("give the new adapter a --name (it is saved in your adapter folder) or an --out file")
-    return adapter_store().path_for_new(args.name, overwrite=args.overwrite), args.name
 
 
 def _given(**options: Any) -> dict[str, Any]:
@@ -192,146 +175,210 @@ def _given(**options: Any) -> dict[str, Any]:
     return {key: value for key, value in options.items() if value is not None}
 
 
-def _training_options(args: argparse.Namespace) -> dict[str, Any]:
-    return _given(
-        label_map=_json_argument(args.label_map, "--label-map"), unmapped=args.unmapped, steps=args.steps,
-        lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device, validation=args.validation,
-        validate_every=args.validate_every, threads=args.threads,
-    )
+def _settings(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return _given(**{name: getattr(args, name) for name in names})
+
+
+def _for_people(args: argparse.Namespace) -> bool:
+    """Whether the command's own summary goes to standard output (not with JSON lines there)."""
+    return _progress_mode(args) != "json"
 
 
 def _train(args: argparse.Namespace, progress: Progress) -> None:
-    from .train import train_adapter
-
-    out, name = _adapter_output(args)
-    labels = _json_argument(args.labels, "--labels")
-    card = train_adapter(
-        resolve_base(args.base), _cases(args), labels, out, name=name, progress=progress,
-        **_given(rank=args.rank, init=args.init, groups=args.groups, lr_u=args.lr_u,
-                 parent_adapter=resolve_adapter(args.parent)),
-        **_training_options(args),
-    )
-    if args.progress != "json":
-        print(f"adapter {card.name!r} written to {out}")
-        print(json.dumps(card.metrics, indent=2))
+    settings = TrainSettings.of(**_settings(args, TRAINING_FIELDS))  # checked before the base is read
+    with engine.torchrun_session(settings.device) as parallel:
+        result = engine.train_adapter(
+            _cases(args), args.output, name=args.name, base=args.base, labels=_labels_argument(args.labels),
+            label_map=_json_argument(args.label_map, "--label-map"), parent=args.parent, settings=settings,
+            overwrite=args.overwrite, progress=progress, parallel=parallel,
+        )
+    if result is not None and _for_people(args):  # None: a torchrun process that writes nothing
+        print(f"adapter {result.card.name!r} written to {result.output_path}")
+        print(engine.validation_table(result.card.metrics, result.card.training))
 
 
 def _pretrain(args: argparse.Namespace, progress: Progress) -> None:
-    from .train import pretrain
-
-    card_fields = _json_argument(args.card, "--card")
-    card = pretrain(_cases(args), card_fields, args.output, progress=progress, **_training_options(args))
-    if args.progress != "json":
-        print(f"base model {card.name!r} written to {args.output}")
+    settings = TrainSettings.for_pretraining(**_settings(args, PRETRAINING_FIELDS))
+    with engine.torchrun_session(settings.device) as parallel:
+        result = engine.pretrain(_cases(args), _json_argument(args.card, "--card"), args.output,
+                                 label_map=_json_argument(args.label_map, "--label-map"), settings=settings,
+                                 overwrite=args.overwrite, progress=progress, parallel=parallel)
+    if result is not None and _for_people(args):
+        print(f"base model {result.card.name!r} written to {result.output_path}")
+        print(engine.validation_table(result.card.metrics, result.card.provenance.get("training")))
 
 
 def _evaluate(args: argparse.Namespace, progress: Progress) -> None:
-    from . import metrics
-
-    if len(args.predictions) != len(args.references):
-        raise ValueError(f"{len(args.predictions)} predictions but {len(args.references)} references: give one "
-                         "reference per prediction, in the same order")
-    cases = metrics.evaluate(args.predictions, args.references, progress=progress)
-    if args.json:
-        metrics.write_json(args.json, cases)
-    if args.csv:
-        metrics.write_csv(args.csv, cases)
-    if args.progress != "json":
-        print(metrics.format_table(cases))
+    cases = engine.evaluate(args.predictions, args.references, json_path=args.json, csv_path=args.csv,
+                            threads=args.threads, overwrite=args.overwrite, progress=progress)
+    if _for_people(args):
+        print(engine.format_metrics_table(cases))
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cases", help="a folder of cases or a JSON case list (see TCURLoRALib/cases.py)")
+# ---------------------------------------------------------------------------------------------------- the parser
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option with a default that its help does not state already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})"
+
+
+class _AnnotatedSlices(argparse.Action):
+    """``--annotated-slices AXIS:I,J,...``: attached to the ``--case`` just before it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        cases = getattr(namespace, "case", None)
+        if not cases:
+            parser.error(f"{option_string} belongs to a case: give it after its --case IMAGE LABEL")
+        if len(cases[-1]) > 2:
+            parser.error(f"{option_string} given twice for the case {cases[-1][0]!r}")
+        cases[-1] = [*cases[-1], values]
+
+
+class _DeprecatedOut(argparse.Action):
+    """``--out``, the old spelling of ``-o/--output`` on ``train``; hidden from the help."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print("note: --out is deprecated, use -o/--output", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _progress_mode(args: argparse.Namespace) -> str:
+    return getattr(args, "progress", "auto")
+
+
+def _progress_parent(modes: Sequence[str], text: str) -> argparse.ArgumentParser:
+    """``--progress``, accepted after any command or action; its default (auto) is applied after parsing, so that a
+    value given before an action is not reset by the action's own parser."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--progress", choices=modes, default=argparse.SUPPRESS, help=text + " (default: auto)")
+    return parent
+
+
+def _add_settings(parser: argparse.ArgumentParser, defaults: TrainSettings, names: Sequence[str]) -> None:
+    """Options for the named :class:`TrainSettings` fields, their help and defaults from the dataclass.
+
+    Their argparse default is None, so that only what the user gave reaches the settings."""
+    for item in dataclasses.fields(TrainSettings):
+        if item.name in names:
+            parser.add_argument(item.metadata["flag"], dest=item.name, default=None,
+                                help=f"{item.metadata['help']} (default: {defaults.default_text(item.name)})",
+                                **item.metadata["argparse"])
+
+
+def _add_cases(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cases", metavar="FOLDER_OR_JSON",
+                        help="training cases: a folder of <case>_image.<ext> with <case>_label.<ext> (or nnU-Net's "
+                             "imagesTr/ and labelsTr/), or a JSON list of {image, label[, annotated_slices]}")
     parser.add_argument("--case", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
-                        help="one training case; repeat for more")
-    parser.add_argument("--label-map", help="JSON (inline or file): case structure (value or segment name) -> label")
-    parser.add_argument("--unmapped", choices=("error", "background", "ignore"), default="error",
-                        help="what to do with structures the mapping misses (default: error)")
-    parser.add_argument("--steps", type=int, help="optimiser steps")
-    parser.add_argument("--lr", type=float, help="learning rate")
-    parser.add_argument("--batch-size", type=int, help="crops per step")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--validation",
-                        help="'auto' (held-out cases, see TCURLoRALib/train.py; train's default), 'none', or a "
-                             "folder/JSON of cases")
-    parser.add_argument("--validate-every", type=int, help="steps between validations")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+                        help="one training case (label map: a label volume or a .seg.nrrd); repeat for more")
+    parser.add_argument("--annotated-slices", action=_AnnotatedSlices, metavar="AXIS:I,J,...",
+                        help="only these slices of the --case before it are annotated, e.g. z:12,20 (axis x, y or "
+                             "z = the image's voxel axes i, j, k; 0-based); the rest stays out of the loss")
+    parser.add_argument("--label-map", metavar="JSON",
+                        help="case structure (label value or segment name) -> adapter label, JSON inline or a "
+                             "file, e.g. '{\"1\": \"left hippocampus\"}'; a name that is no label becomes a new "
+                             "label when --labels is not given")
+
+
+def _add_base(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", help="base model file (default: the shipped base)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m TCURLoRALib",
+        prog="python -m TCURLoRALib", formatter_class=_HelpFormatter,
         description="TCURLoRA: segment volumes with a frozen UNETR and tCURLoRA adapters, and train adapters.",
     )
     parser.add_argument("--version", action="version", version=f"TCURLoRA {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--progress", choices=("auto", "json", "bar", "none"), default="auto",
-                        help="progress on stdout as JSON lines (for Slicer), a bar on a terminal, or none")
+    working = _progress_parent(PROGRESS_MODES, "progress: a bar on a terminal (auto, bar), plain lines in a log "
+                                               "(auto when standard error is no terminal, plain), JSON lines on "
+                                               "standard output (json, for Slicer) or none")
+    quiet = _progress_parent(("auto", "json", "none"), "json: an error as one JSON line on standard output (as "
+                                                       "the other commands, for Slicer); nothing else to report")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    seg = commands.add_parser("segment", parents=[common], help="segment a volume with the base and an adapter")
+    def command(name: str, parent: argparse.ArgumentParser, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[parent], help=text, description=text,
+                                   formatter_class=_HelpFormatter)
+
+    plain = TrainSettings()
+    seg = command("segment", working, "segment a volume with the base and an adapter")
     seg.add_argument("image", help="input volume (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)")
     seg.add_argument("-o", "--output", required=True, help="label map to write (.nii.gz, .nii, .nrrd)")
-    seg.add_argument("--base", help="base model file (default: the shipped base)")
-    seg.add_argument("--adapter", help="adapter file or name in the store; 'none' for the base alone")
+    _add_base(seg)
+    seg.add_argument("--adapter", help="adapter file or name in the store; 'none' for the base alone "
+                                       "(default: none)")
     seg.add_argument("--seg-nrrd", help="also write a Slicer segmentation (.seg.nrrd) with names and colours")
-    seg.add_argument("--probabilities", help="also write the softmax probabilities")
-    seg.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default 0.25)")
-    seg.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    seg.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    seg.add_argument("--probabilities", help="also write the softmax probabilities (.nrrd, .nii.gz, .nii, .mha)")
+    seg.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
+    seg.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass")
+    seg.add_argument("--overwrite", action="store_true", help="replace output files that exist")
+    _add_settings(seg, plain, ("device", "threads"))
     seg.set_defaults(handler=_segment)
 
-    train = commands.add_parser("train", parents=[common], help="train a tCURLoRA adapter on a few cases")
-    train.add_argument("--name", help="adapter name; saved in your adapter folder ($TCURLORA_HOME)")
-    train.add_argument("--out", help="write the adapter to this file instead")
-    train.add_argument("--overwrite", action="store_true", help="replace a user adapter of the same name")
-    train.add_argument("--base", help="base model file (default: the shipped base)")
-    train.add_argument("--labels", help="the adapter's labels, JSON list of {value, name, color} (inline or file); "
-                                        "default: the parent adapter's, else the base's")
-    train.add_argument("--parent", help="continue from this adapter (file or name)")
-    # Defaults written out, so that --help needs no torch import; a test checks them against train's.
-    train.add_argument("--rank", type=int, help="tensor CUR rank r (default 16)")
-    train.add_argument("--init", choices=("pinv", "zero"), help="U initialisation (default zero)")
-    train.add_argument("--groups", nargs="+", choices=("attention", "mlp_up", "mlp_down"),
-                       help="weight groups to adapt (default: all)")
-    train.add_argument("--lr-u", type=float, help="learning rate of U")
-    _add_training_arguments(train)
+    train = command("train", working, "train a tCURLoRA adapter on a few cases")
+    train.add_argument("--name", help="adapter name; saved in your adapter folder ($TCURLORA_HOME) unless -o is "
+                                      "given (default: the -o file's name)")
+    train.add_argument("-o", "--output", help="write the adapter to this .safetensors file instead")
+    train.add_argument("--out", dest="output", action=_DeprecatedOut, help=argparse.SUPPRESS)
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace a user adapter of the same name, or the -o file")
+    _add_base(train)
+    train.add_argument("--labels", metavar="NAMES_OR_JSON",
+                       help="the adapter's labels: names separated by commas ('left hippocampus,right hippocampus': "
+                            "values 1, 2, ..., background implicit, colours as Slicer gives new segments), or a JSON "
+                            "list of {value, name, color} (inline or a file) (default: new names in --label-map, "
+                            "else the parent adapter's labels, else the base's)")
+    train.add_argument("--parent", help="continue from this adapter (file or name in the store)")
+    _add_cases(train)
+    _add_settings(train, plain, TRAINING_FIELDS)
     train.set_defaults(handler=_train)
 
-    pretrain = commands.add_parser("pretrain", parents=[common], help="train a whole UNETR into a base-model file")
+    pretrain = command("pretrain", working, "train a whole UNETR into a base-model file")
     pretrain.add_argument("--card", required=True, help="model card fields without fingerprint (JSON inline or file)")
     pretrain.add_argument("-o", "--output", required=True, help="base-model file to write")
-    _add_training_arguments(pretrain)
+    pretrain.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    _add_cases(pretrain)
+    _add_settings(pretrain, TrainSettings.for_pretraining(), PRETRAINING_FIELDS)
     pretrain.set_defaults(handler=_pretrain)
 
-    evaluate = commands.add_parser("evaluate", parents=[common], help="Dice and HD95 per label against references")
+    evaluate = command("evaluate", working, "Dice and HD95 per label against references")
     evaluate.add_argument("--predictions", nargs="+", required=True, help="predicted label maps")
     evaluate.add_argument("--references", nargs="+", required=True, help="reference label maps, same order")
     evaluate.add_argument("--json", help="also write the metrics as JSON")
     evaluate.add_argument("--csv", help="also write the metrics as CSV")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace the --json/--csv files if they exist")
+    _add_settings(evaluate, plain, ("threads",))
     evaluate.set_defaults(handler=_evaluate)
 
-    demo = commands.add_parser("demo", parents=[common],
-                               help="segment the shipped sample with the base and each shipped adapter")
-    demo.add_argument("-o", "--output", default="tcurlora-demo", help="output folder (default ./tcurlora-demo)")
+    demo = command("demo", working, "segment the shipped sample with the base and each shipped adapter")
+    demo.add_argument("-o", "--output", default="tcurlora-demo", help="output folder")
     demo.add_argument("--image", help="another volume instead of the shipped sample")
-    demo.add_argument("--reference", help="reference label map for Dice (the sample's ships with it)")
-    demo.add_argument("--base", help="base model file (default: the shipped base)")
-    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    demo.add_argument("--reference", help="reference label map for Dice (the shipped sample comes with one)")
+    _add_base(demo)
+    demo.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in the folder")
+    _add_settings(demo, plain, ("device", "threads"))
     demo.set_defaults(handler=_demo)
 
-    info = commands.add_parser("info", parents=[common], help="print the card of a base model or adapter file")
+    info = command("info", quiet, "print the card of a base model or adapter file")
     info.add_argument("path")
     info.set_defaults(handler=_info)
 
-    adapters = commands.add_parser("adapters", parents=[common], help="list, delete or rename stored adapters")
+    adapters = command("adapters", quiet, "list, delete or rename stored adapters")
     actions = adapters.add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = actions.add_parser("list", help="shipped and user adapters")
-    listing.add_argument("--json", action="store_true")
-    delete = actions.add_parser("delete", help="delete a user adapter")
+    listing = actions.add_parser("list", parents=[quiet], help="shipped and user adapters")
+    listing.add_argument("--json", action="store_true", help="as JSON, cards included")
+    delete = actions.add_parser("delete", parents=[quiet], help="delete a user adapter")
     delete.add_argument("name")
-    rename = actions.add_parser("rename", help="rename a user adapter")
+    rename = actions.add_parser("rename", parents=[quiet], help="rename a user adapter")
     rename.add_argument("name")
     rename.add_argument("new_name")
     adapters.set_defaults(handler=_adapters)
@@ -340,20 +387,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    progress = _make_progress(getattr(args, "progress", "none"))
+    try:
+        world = World.from_environment()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    marker = "" if world is None else f"[rank {world.rank}] "
+    reporter = _make_progress(_progress_mode(args)) if world is None or world.main else silent
+    # A cancel file (the Slicer panels' way to stop a job on Windows) is checked at every progress event; under
+    # torchrun by every process at every step instead (distributed.DataParallel), so that all stop together.
+    progress = cancellable(reporter) if world is None else reporter
     install_cancel_handlers()
     try:
-        args.handler(args, progress)
+        if world is not None and args.command not in TORCHRUN_COMMANDS:
+            raise ValueError(f"{args.command} runs in one process: start it with python -m TCURLoRALib, not "
+                             f"torchrun (which runs only {' and '.join(TORCHRUN_COMMANDS)})")
+        run_command(args.handler, args, progress)
         return EXIT_OK
     except Cancelled as error:
         progress("error", kind="cancelled", message=str(error))
-        print(f"cancelled: {error}", file=sys.stderr)
+        print(f"{marker}cancelled: {error}", file=sys.stderr)
         return EXIT_CANCELLED
     except _bad_input_errors() as error:
         progress("error", kind="bad_input", message=str(error))
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{marker}error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as error:  # the last line of defence: report, with the traceback, and exit distinctly
         progress("error", kind="internal", message=f"{type(error).__name__}: {error}")
         traceback.print_exc(file=sys.stderr)
+        if marker:  # after the traceback, the line that says which process it was
+            print(f"{marker}internal error: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_INTERNAL

@@ -1,47 +1,47 @@
-"""TCURLoRA files: safetensors files whose header metadata carries one JSON card.
+"""TCURLoRA files, torch-free: the header, the card, and the digest of the tensors, read from the file's bytes.
 
 A TCURLoRA file is a plain safetensors file (8-byte little-endian header length, a JSON header, then the raw tensor
 bytes) whose ``__metadata__`` holds exactly these string entries:
 
 - ``"format"``: ``"tcurlora-base"`` (frozen base model) or ``"tcurlora-adapter"`` (one adapter);
-- ``"format_version"``: the container version as a decimal string (this module writes :data:`FORMAT_VERSION`);
+- ``"format_version"``: the container version as a decimal string (:data:`FORMAT_VERSION` is written);
 - ``"card"``: the card as one JSON object (its schema belongs to :mod:`TCURLoRALib.cards`; this layer only needs it
-  to be a JSON object).
+  to be a JSON object);
+- ``"tensors_sha256"`` (format version 2 and later): the digest of the file's own tensors (:func:`tensors_digest`),
+  checked whenever the tensors are read, so that a damaged file is refused instead of giving wrong results.
 
-This layer is generic over tensors (``dict[str, torch.Tensor]``): which tensors a base or an adapter holds is decided
-elsewhere. Nothing here uses pickle.
+Format version 1 files carry no digest. A version 1 base model is checked by the fingerprint in its card, as every
+base is; a version 1 adapter is read as a legacy file whose tensors cannot be checked (a warning says so).
 
-Writes are atomic: the file is written to a hidden temporary file in the destination folder, flushed to disk, then
-renamed over the destination, so a cancelled or crashed job leaves either the old file or the new one, never half of
-one.
+Reading a card or listing files needs only this module (no torch): :mod:`TCURLoRALib.tensorfiles` writes files and
+reads their tensors. Nothing here uses pickle.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import logging
 import os
 import struct
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
-import safetensors
-import safetensors.torch
-import torch
-
-FORMAT_VERSION = 1
-"""Container version written by :func:`save_atomic`; files with a higher version are refused."""
+FORMAT_VERSION = 2
+"""Container version written by :func:`TCURLoRALib.tensorfiles.save_atomic`; higher versions are refused."""
+DIGEST_SINCE = 2
+"""First container version whose files must carry :data:`DIGEST_KEY`."""
 
 KINDS = ("base", "adapter")
 FORMAT_KEY = "format"
 VERSION_KEY = "format_version"
 CARD_KEY = "card"
+DIGEST_KEY = "tensors_sha256"
 _FORMAT_PREFIX = "tcurlora-"
 
 # safetensors itself refuses headers above 100 MB; a larger length field means a corrupt or foreign file.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
-_FINGERPRINT_TAG = b"tcurlora-fingerprint-v1\n"
+_DIGEST_TAG = b"tcurlora-tensors-v1\n"
 
 # Bytes per element of the safetensors dtype names, to check each tensor's byte range against its shape.
 _DTYPE_BYTES = {
@@ -50,6 +50,7 @@ _DTYPE_BYTES = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }
+_log = logging.getLogger(__name__)
 
 
 class TCURLoRAFileError(ValueError):
@@ -58,6 +59,27 @@ class TCURLoRAFileError(ValueError):
 
 class TCURLoRAFileNotFoundError(TCURLoRAFileError, FileNotFoundError):
     """The file does not exist (caught by both ``except FileNotFoundError`` and ``except TCURLoRAFileError``)."""
+
+
+@dataclass(frozen=True)
+class FileContents:
+    """A whole TCURLoRA file read from one open file, its header checked and its digest verified.
+
+    Attributes:
+        path: the file read.
+        kind: ``"base"`` or ``"adapter"``.
+        card: the card.
+        version: its ``format_version``.
+        data: the whole file's bytes (a valid safetensors buffer: ``safetensors.torch.load(data)``).
+        checked: whether a digest was verified (False only for format version 1 files).
+    """
+
+    path: Path
+    kind: str
+    card: dict
+    version: int
+    data: bytes
+    checked: bool
 
 
 def format_name(kind: str) -> str:
@@ -71,55 +93,21 @@ def format_name(kind: str) -> str:
     return _FORMAT_PREFIX + kind
 
 
-def save_atomic(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], card: Mapping[str, Any],
-                kind: str) -> Path:
-    """Writes ``tensors`` and ``card`` to ``path`` atomically, replacing any existing file.
-
-    Args:
-        path: destination file (``*.safetensors`` by convention); its folder must exist.
-        tensors: name -> dense tensor, any shape and dtype, any device (copied to CPU for writing). Tensors sharing
-            storage are written as separate copies.
-        card: a JSON-serialisable mapping (no NaN or infinity: strict JSON), stored under the ``"card"`` key.
-        kind: ``"base"`` or ``"adapter"``.
-
-    Returns:
-        The destination path.
+def metadata_for(kind: str, card: Mapping[str, Any], digest: str) -> dict[str, str]:
+    """The ``__metadata__`` of a new file: format, :data:`FORMAT_VERSION`, the card as strict JSON, the digest.
 
     Raises:
-        ValueError: bad ``kind``, a tensor name that is not a non-empty string, a value that is not a dense tensor,
-            or a card that is not a JSON object.
-        FileNotFoundError: the destination folder does not exist.
-        Anything raised while writing (OSError, KeyboardInterrupt, ...) propagates after the temporary file is
-        removed; an existing file at ``path`` is then left untouched.
+        ValueError: bad ``kind``, or a card that is not a JSON object of strict JSON (no NaN or infinity).
     """
-    metadata = {FORMAT_KEY: format_name(kind), VERSION_KEY: str(FORMAT_VERSION), CARD_KEY: _card_to_text(card)}
-    prepared = _prepare_tensors(tensors)
-    path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
-    # A hidden name in the same folder: os.replace is only atomic within one file system, and listings skip it.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        _write_tensors(tmp_name, prepared, metadata)
-        _fsync_file(tmp_name)
-        # mkstemp creates the file as 0600; keep the permissions of the file we replace, else the usual 0644.
-        os.chmod(tmp_name, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(folder)
-    return path
+    return {FORMAT_KEY: format_name(kind), VERSION_KEY: str(FORMAT_VERSION), CARD_KEY: _card_to_text(card),
+            DIGEST_KEY: digest}
 
 
 def read_card(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
     """Reads the card of a TCURLoRA file from its header only (tensor bytes are not read).
 
     Args:
-        path: a file written by :func:`save_atomic`.
+        path: a TCURLoRA file.
         kind: ``"base"`` or ``"adapter"`` to require that kind, or None to accept either.
 
     Returns:
@@ -138,88 +126,72 @@ def read_info(path: str | os.PathLike, kind: str | None = None) -> tuple[str, di
     path = Path(path)
     if kind is not None:
         format_name(kind)
-    _entries, metadata = _read_header(path)
-    return _check_metadata(path, metadata, kind)
+    with _open(path) as handle:
+        _entries, metadata, _length = _read_header(path, handle, os.fstat(handle.fileno()).st_size)
+    return _check_metadata(path, metadata, kind)[:2]
 
 
-def load(path: str | os.PathLike, kind: str, device: str | torch.device = "cpu"
-         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Loads all tensors and the card of a TCURLoRA file.
+def read_whole(path: str | os.PathLike, kind: str) -> FileContents:
+    """Reads a whole TCURLoRA file from one open file and verifies the digest of its tensors.
 
-    The header is validated first (see :func:`read_card`), so a damaged or foreign file fails with a message naming
-    the problem before any tensor is read.
-
-    Args:
-        path: a file written by :func:`save_atomic`.
-        kind: the kind required, ``"base"`` or ``"adapter"``.
-        device: where to put the tensors.
-
-    Returns:
-        ``(tensors, card)``: name -> tensor (same shapes and dtypes as saved), and the card dict.
+    One open file, so a file replaced meanwhile (an atomic rename) gives the old version or the new one, never one's
+    card with the other's tensors.
 
     Raises:
-        TCURLoRAFileNotFoundError, TCURLoRAFileError: as :func:`read_card`, or the safetensors reader failed.
+        TCURLoRAFileNotFoundError, TCURLoRAFileError: as :func:`read_card`; and a file whose tensors do not match
+            its digest (damaged: the message says to copy it again or retrain), or a version 2 file without one.
     """
     path = Path(path)
     format_name(kind)
-    _entries, metadata = _read_header(path)
-    _kind, card = _check_metadata(path, metadata, kind)
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device=str(device)) as reader:
-            tensors = {name: reader.get_tensor(name) for name in reader.keys()}
-    except safetensors.SafetensorError as error:
-        raise TCURLoRAFileError(f"cannot read tensors of {str(path)!r}: {error}") from error
-    return tensors, card
+    with _open(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        entries, metadata, length = _read_header(path, handle, size)
+        handle.seek(0)
+        data = handle.read()
+    if len(data) != size:
+        raise TCURLoRAFileError(f"{str(path)!r} changed size while it was read ({size} -> {len(data)} bytes)")
+    found, card, version = _check_metadata(path, metadata, kind)
+    stored = metadata.get(DIGEST_KEY)
+    if stored is None and version >= DIGEST_SINCE:
+        raise TCURLoRAFileError(f"{str(path)!r} has no {DIGEST_KEY!r} entry, which format_version {version} files "
+                                f"carry: the file is damaged or was edited; copy it again or retrain it")
+    if stored is None:
+        if found == "adapter":
+            _log.warning("%s is a format_version %d adapter, written without a tensor digest: its tensors cannot be "
+                         "checked for damage (re-save it with one by `adapters rename`, or retrain it)", path, version)
+        return FileContents(path, found, card, version, data, checked=False)
+    actual = tensors_digest(_raw_tensors(entries, memoryview(data)[8 + length:]))
+    if actual != stored:
+        raise TCURLoRAFileError(f"{str(path)!r} is damaged: its tensors do not match the digest it was written with "
+                                f"(stored {stored}, now {actual}); copy the file again from where it came from, or "
+                                f"retrain it")
+    return FileContents(path, found, card, version, data, checked=True)
 
 
-def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of a set of tensors, independent of dict order, device and memory layout.
+def tensors_digest(tensors: Iterable[tuple[str, str, Sequence[int], Any]]) -> str:
+    """SHA-256 of a set of tensors given as ``(name, dtype, shape, raw bytes)``, independent of their order.
 
-    Each tensor contributes, in sorted name order, a JSON line ``[name, dtype, shape, nbytes]`` followed by its raw
-    bytes in C order (little-endian, as on every platform torch and safetensors support); the byte count in the line
-    keeps the stream unambiguous.
-
-    Args:
-        tensors: name -> dense tensor.
+    ``dtype`` is the safetensors name (``"F32"``, ``"BF16"``, ``"BOOL"``, ...); the raw bytes are in C order,
+    little-endian, as a safetensors file holds them (any bytes-like object). Each tensor contributes, in sorted
+    name order, a JSON line ``[name, dtype, shape, nbytes]`` and its bytes (the byte count keeps the stream
+    unambiguous). The same rule serves the writer, which has tensors, and the reader, which has the file's bytes.
 
     Returns:
         64 lowercase hex digits.
-
-    Raises:
-        ValueError: a name that is not a non-empty string or a value that is not a dense tensor.
     """
-    hasher = hashlib.sha256(_FINGERPRINT_TAG)
-    for name in sorted(_check_names(tensors)):
-        tensor = tensors[name].detach().to("cpu").contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy()
-        line = json.dumps([name, str(tensor.dtype), list(tensor.shape), int(data.nbytes)])
+    hasher = hashlib.sha256(_DIGEST_TAG)
+    for name, dtype, shape, raw in sorted(tensors, key=lambda item: item[0]):
+        view = memoryview(raw).cast("B")
+        line = json.dumps([name, dtype, [int(n) for n in shape], view.nbytes])
         hasher.update(line.encode("utf-8") + b"\n")
-        hasher.update(memoryview(data))
+        hasher.update(view)
     return hasher.hexdigest()
 
 
-def _write_tensors(tmp_name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Writes the safetensors file; a separate function so tests can make the write fail half way."""
-    safetensors.torch.save_file(tensors, tmp_name, metadata=metadata)
-
-
-def _fsync_file(name: str) -> None:
-    with open(name, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Makes the rename durable; folders cannot be opened on Windows, where there is nothing to do."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _raw_tensors(entries: Mapping[str, Any], data: memoryview) -> list[tuple[str, str, list, memoryview]]:
+    return [(name, str(entry["dtype"]), list(entry["shape"]),
+             data[int(entry["data_offsets"][0]):int(entry["data_offsets"][1])])
+            for name, entry in entries.items()]
 
 
 def _card_to_text(card: Mapping[str, Any]) -> str:
@@ -231,51 +203,27 @@ def _card_to_text(card: Mapping[str, Any]) -> str:
         raise ValueError(f"card is not strict JSON (NaN and infinity not allowed, use null): {error}") from error
 
 
-def _check_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    if not isinstance(tensors, Mapping):
-        raise ValueError(f"tensors must be a dict of name -> tensor, got {type(tensors).__name__}")
-    for name, tensor in tensors.items():
-        if not isinstance(name, str) or not name or name == "__metadata__":
-            raise ValueError(f"tensor names must be non-empty strings other than '__metadata__', got {name!r}")
-        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
-            raise ValueError(f"tensor {name!r} must be a dense torch.Tensor, got {type(tensor).__name__}"
-                             + (f" with layout {tensor.layout}" if isinstance(tensor, torch.Tensor) else ""))
-    return list(tensors)
-
-
-def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, and no two tensors on one storage (safetensors refuses shared storage)."""
-    prepared: dict[str, torch.Tensor] = {}
-    storages: set[int] = set()
-    for name in _check_names(tensors):
-        tensor = tensors[name].detach().to("cpu").contiguous()
-        pointer = tensor.untyped_storage().data_ptr()
-        if tensor.numel() and pointer in storages:
-            tensor = tensor.clone()
-        elif tensor.numel():
-            storages.add(pointer)
-        prepared[name] = tensor
-    return prepared
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """Reads and checks a safetensors header: returns (tensor entries, ``__metadata__``)."""
+def _open(path: Path):
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                raise TCURLoRAFileError(f"{str(path)!r} is truncated or not a safetensors file: "
-                                        f"{size} bytes, shorter than the 8-byte header length")
-            (length,) = struct.unpack("<Q", head)
-            if length > _MAX_HEADER_BYTES or 8 + length > size:
-                raise TCURLoRAFileError(f"{str(path)!r} is truncated or not a safetensors file: its header claims "
-                                        f"{length} bytes but the file holds only {size} bytes")
-            raw = handle.read(length)
+        return open(path, "rb")
     except FileNotFoundError as error:
         raise TCURLoRAFileNotFoundError(f"no such file: {str(path)!r}") from error
     except IsADirectoryError as error:
         raise TCURLoRAFileError(f"{str(path)!r} is a folder, not a file") from error
+
+
+def _read_header(path: Path, handle, size: int) -> tuple[dict[str, Any], dict[str, str], int]:
+    """Reads and checks a safetensors header from the start of ``handle``: returns (tensor entries,
+    ``__metadata__``, header length)."""
+    head = handle.read(8)
+    if len(head) < 8:
+        raise TCURLoRAFileError(f"{str(path)!r} is truncated or not a safetensors file: "
+                                f"{size} bytes, shorter than the 8-byte header length")
+    (length,) = struct.unpack("<Q", head)
+    if length > _MAX_HEADER_BYTES or 8 + length > size:
+        raise TCURLoRAFileError(f"{str(path)!r} is truncated or not a safetensors file: its header claims "
+                                f"{length} bytes but the file holds only {size} bytes")
+    raw = handle.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -287,7 +235,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if not isinstance(metadata, dict):
         raise TCURLoRAFileError(f"{str(path)!r} is corrupt: '__metadata__' is not an object")
     _check_data_region(path, header, size - 8 - length)
-    return header, metadata
+    return header, metadata, length
 
 
 def _check_data_region(path: Path, entries: dict[str, Any], data_bytes: int) -> None:
@@ -322,8 +270,8 @@ def _check_data_region(path: Path, entries: dict[str, Any], data_bytes: int) -> 
                                 f"{data_bytes}")
 
 
-def _check_metadata(path: Path, metadata: Mapping[str, str], kind: str | None) -> tuple[str, dict[str, Any]]:
-    """Checks our three metadata entries; returns ``(kind, card)``."""
+def _check_metadata(path: Path, metadata: Mapping[str, str], kind: str | None) -> tuple[str, dict[str, Any], int]:
+    """Checks the format, version and card entries; returns ``(kind, card, version)``."""
     fmt = metadata.get(FORMAT_KEY)
     if fmt is None:
         raise TCURLoRAFileError(f"{str(path)!r} is a safetensors file but not a TCURLoRA file: its metadata has no "
@@ -353,4 +301,4 @@ def _check_metadata(path: Path, metadata: Mapping[str, str], kind: str | None) -
         raise TCURLoRAFileError(f"{str(path)!r} has a card that is not JSON: {error}") from error
     if not isinstance(card, dict):
         raise TCURLoRAFileError(f"{str(path)!r} has a card that is a {type(card).__name__}, not a JSON object")
-    return found, card
+    return found, card, version

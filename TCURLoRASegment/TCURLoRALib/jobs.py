@@ -1,7 +1,13 @@
 """Background jobs: ``python -m TCURLoRALib ...`` in a child process, its JSON progress lines drained by a thread.
 
 No Slicer and no qt here, so that the runner is tested as it is: a Slicer panel creates a :class:`Job`, polls
-:meth:`Job.poll_events` from a timer and shows the events; the GUI never blocks on the child.
+:meth:`Job.poll_events` from a timer and shows the events; the GUI never blocks on the child, not even to cancel it.
+
+What the child writes is decoded as UTF-8 with replacement characters (the child is told to write UTF-8; a
+grandchild may still write in the ANSI code page), so no byte can stop the reader, and the reader always ends the
+job, whatever happened to it. On Windows the child's console window is hidden as ``slicer.util.launchConsoleProcess``
+hides it. Cancel is cooperative first (a cancel file the engine checks at every progress event, plus SIGTERM where
+there is one) and forceful after a grace period (the child and its children are killed).
 """
 from __future__ import annotations
 
@@ -16,18 +22,59 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import psutil
 
-__all__ = ["Job", "JobState", "engine_folder"]
+from .outputs import KEEP_DIR_ENV
+from .progress import CANCEL_FILE_ENV
 
+__all__ = ["ENGINE_MODULE", "Job", "JobState", "child_environment", "engine_folder", "hidden_console_options"]
+
+ENGINE_MODULE = "TCURLoRALib"
 _EXIT_CANCELLED = 130
+_STARTF_USESHOWWINDOW = 0x1
+_SW_HIDE = 0
+CANCEL_FILE_NAME = "cancel-requested"
 
 
 def engine_folder() -> Path:
     """The folder that holds the ``TCURLoRALib`` package (put on the child's ``PYTHONPATH``)."""
     return Path(__file__).resolve().parents[1]
+
+
+def hidden_console_options(os_name: str = os.name, startupinfo: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """``Popen`` keyword arguments that keep a console program from opening a console window.
+
+    On Windows ``PythonSlicer`` is a console program: started from the Slicer GUI it would open a console window
+    whose closing kills the job. Like ``slicer.util.launchConsoleProcess`` (Slicer 5.8), the window is created
+    hidden: ``STARTUPINFO`` with ``STARTF_USESHOWWINDOW`` and ``SW_HIDE``. Elsewhere nothing is needed.
+
+    Args:
+        os_name: ``os.name`` (a parameter so that the Windows branch is tested everywhere).
+        startupinfo: the ``STARTUPINFO`` class; default ``subprocess.STARTUPINFO`` (which exists on Windows only).
+    """
+    if os_name != "nt":
+        return {}
+    info = (startupinfo or subprocess.STARTUPINFO)()
+    info.dwFlags |= _STARTF_USESHOWWINDOW
+    info.wShowWindow = _SW_HIDE
+    return {"startupinfo": info}
+
+
+def child_environment(base: dict[str, str], extra: dict[str, str], cancel_file: Path) -> dict[str, str]:
+    """The child's environment: ``base`` and ``extra``, the engine first on ``PYTHONPATH``, UTF-8 unbuffered output,
+    the cancel file, the job's work folder for results that could not be published (``$TCURLORA_KEEP_DIR``), and
+    glibc malloc settings that cut a training step's system time (see DESIGN.md)."""
+    env = {**base, **extra}
+    env[KEEP_DIR_ENV] = str(cancel_file.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(engine_folder()), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    env[CANCEL_FILE_ENV] = str(cancel_file)
+    env.setdefault("MALLOC_MMAP_MAX_", "0")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "1000000000000")
+    return env
 
 
 class JobState(enum.Enum):
@@ -46,11 +93,21 @@ class Job:
         python: the interpreter; Slicer passes its ``PythonSlicer``, default the current one.
         work_dir: a temporary folder for inputs and outputs; removed after success, kept (and named in the log)
             after a failure or cancel so that nothing the user may need is lost. Created when not given.
-        env: extra environment variables for the child.
+        cwd: the child's current folder, against which relative paths in ``arguments`` resolve; default the
+            caller's current folder when the job is made (never the work folder, which goes after success).
+        env: extra environment variables for the child (a ``PYTHONPATH`` here is kept, after the engine's).
+        module: the module run with ``-m`` (tests run stand-ins of the engine).
 
     Events (dicts from the child's JSON lines, see :mod:`TCURLoRALib.progress`) and the child's other output, as
-    ``{"event": "log", "message": line}``, arrive in :meth:`poll_events`.
+    ``{"event": "log", "message": line}``, arrive in :meth:`poll_events`; the last one is always
+    ``{"event": "finished", "state": ..., "returncode": ..., "error": ...}``.
+
+    Attributes:
+        use_signals: send SIGTERM on cancel as well as creating the cancel file (POSIX; on Windows ``terminate`` is
+            TerminateProcess, a kill without clean-up, so only the cancel file is used there).
     """
+
+    use_signals: bool = os.name != "nt"
 
     def __init__(
         self,
@@ -58,10 +115,15 @@ class Job:
         python: str | None = None,
         work_dir: str | os.PathLike | None = None,
         env: dict[str, str] | None = None,
+        module: str = ENGINE_MODULE,
+        cwd: str | os.PathLike | None = None,
     ):
         self.arguments = [str(argument) for argument in arguments]
+        self.cwd = Path(cwd) if cwd is not None else Path.cwd()
         self.python = python or sys.executable
+        self.module = module
         self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="tcurlora-job-"))
+        self.cancel_file = self.work_dir / CANCEL_FILE_NAME
         self.env = env or {}
         self.state = JobState.PENDING
         self.returncode: int | None = None
@@ -70,24 +132,22 @@ class Job:
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
+        self._reader_error: str | None = None
         self._cancel_requested = False
+        self._descendants: list[psutil.Process] = []
 
     def command(self) -> list[str]:
-        return [self.python, "-m", "TCURLoRALib", *self.arguments, "--progress", "json"]
+        return [self.python, "-m", self.module, *self.arguments, "--progress", "json"]
 
     def start(self) -> None:
         """Start the child; returns at once."""
         if self.state is not JobState.PENDING:
             raise RuntimeError(f"job already {self.state.value}")
-        env = {**os.environ, **self.env}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(engine_folder()), env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
-        # glibc's malloc trimming costs a large share of a training step here (see DESIGN.md).
-        env.setdefault("MALLOC_MMAP_MAX_", "0")
-        env.setdefault("MALLOC_TRIM_THRESHOLD_", "1000000000000")
+        self.cancel_file.unlink(missing_ok=True)
         self._process = subprocess.Popen(
             self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=self.work_dir, env=env, text=True, bufsize=1,
+            cwd=self.cwd, env=child_environment(dict(os.environ), self.env, self.cancel_file),
+            encoding="utf-8", errors="replace", bufsize=1, **hidden_console_options(),
         )
         self.state = JobState.RUNNING
         self._reader = threading.Thread(target=self._read_output, name="tcurlora-job-reader", daemon=True)
@@ -95,26 +155,37 @@ class Job:
 
     def _read_output(self) -> None:
         assert self._process is not None and self._process.stdout is not None
-        for line in self._process.stdout:
-            line = line.rstrip("\n")
-            event = _parse_event(line)
-            if event is None:
-                self.log.append(line)
-                event = {"event": "log", "message": line}
-            elif event.get("event") == "error":
-                self.error = str(event.get("message"))
-            self._events.put(event)
-        self._finish(self._process.wait())
+        try:
+            for line in self._process.stdout:
+                self._take_line(line.rstrip("\r\n"))
+        except Exception as error:  # noqa: BLE001  whatever broke, the job must still finish (the panel waits)
+            self._reader_error = f"reading the job's output failed: {type(error).__name__}: {error}"
+            # Nobody drains the pipe any more: a child that keeps writing would block for ever.
+            self._kill_tree()
+        finally:
+            self._finish(self._process.wait())
+
+    def _take_line(self, line: str) -> None:
+        event = _parse_event(line)
+        if event is None:
+            self.log.append(line)
+            event = {"event": "log", "message": line}
+        elif event.get("event") == "error":
+            self.error = str(event.get("message"))
+        self._events.put(event)
 
     def _finish(self, returncode: int) -> None:
         self.returncode = returncode
-        if self._cancel_requested or returncode == _EXIT_CANCELLED:
-            self.state = JobState.CANCELLED
-        elif returncode == 0:
+        if returncode == 0 and self._reader_error is None:
+            # Also after a cancel request that came too late: the result is complete and published.
             self.state = JobState.DONE
+        elif self._cancel_requested or returncode == _EXIT_CANCELLED:
+            self.state = JobState.CANCELLED
         else:
             self.state = JobState.FAILED
-            if self.error is None:
+            if self._reader_error is not None:
+                self.error = self._reader_error
+            elif self.error is None:
                 tail = [line for line in self.log if line.strip()][-5:]
                 self.error = f"exit code {returncode}" + (": " + " | ".join(tail) if tail else "")
         if self.state is JobState.DONE:
@@ -134,6 +205,11 @@ class Job:
                 return events
 
     @property
+    def cancel_requested(self) -> bool:
+        """:meth:`cancel` was called (the job may still be running until the engine or the kill stops it)."""
+        return self._cancel_requested
+
+    @property
     def finished(self) -> bool:
         return self.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
@@ -144,29 +220,40 @@ class Job:
         return self.state
 
     def cancel(self, grace_seconds: float = 10.0) -> None:
-        """Ask the child and its children to stop (SIGTERM: the engine unwinds and writes nothing partial), then
-        kill whatever is still alive after ``grace_seconds``."""
+        """Ask the job to stop; returns at once (the GUI thread calls this).
+
+        The engine stops at its next progress event once the cancel file exists (and, on POSIX, on SIGTERM): it
+        unwinds, writes nothing partial and exits with 130. Whatever of the child and its children is still alive
+        ``grace_seconds`` later is killed, from a timer thread. Calling again with a shorter grace kills sooner.
+        """
         if self._process is None or self.finished:
             return
         self._cancel_requested = True
-        try:
-            descendants = psutil.Process(self._process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            descendants = []
+        with contextlib.suppress(OSError):  # a vanished work folder: the kill after the grace period remains
+            self.cancel_file.touch()
+        with contextlib.suppress(psutil.Error):
+            self._descendants += psutil.Process(self._process.pid).children(recursive=True)
+        if self.use_signals:
+            for process in [*self._descendants, self._process]:
+                with contextlib.suppress(psutil.Error, OSError):
+                    process.terminate()
+        timer = threading.Timer(max(grace_seconds, 0.0), self._kill_tree)
+        timer.daemon = True
+        timer.start()
+
+    def _kill_tree(self) -> None:
+        """Kill the child and every descendant seen now or at cancel time (psutil refuses reused pids)."""
+        if self._process is None or self.finished:
+            return
+        descendants = list(self._descendants)
+        with contextlib.suppress(psutil.Error):
+            descendants += psutil.Process(self._process.pid).children(recursive=True)
         for process in descendants:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.terminate()
-        self._process.terminate()
-        # The direct child is waited for through Popen, not psutil: whoever reaps it first gets its exit code.
-        try:
-            self._process.wait(timeout=grace_seconds)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        _, alive = psutil.wait_procs(descendants, timeout=grace_seconds)
-        for process in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
+            with contextlib.suppress(psutil.Error):
                 process.kill()
+        # Through Popen, not psutil: the reader thread reaps the child with Popen.wait and needs its exit code.
+        with contextlib.suppress(OSError):
+            self._process.kill()
 
 
 def _parse_event(line: str) -> dict[str, Any] | None:

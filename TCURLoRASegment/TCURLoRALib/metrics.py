@@ -1,13 +1,14 @@
 """Segmentation quality: Dice and HD95 (mm) per label and case, with JSON, CSV and table writers.
 
-Both metrics come from MONAI: ``monai.metrics.compute_dice`` and ``compute_hausdorff_distance(percentile=95,
-spacing=...)``. HD95 is the larger of the two directed 95th percentiles of the distances (mm, voxel spacing applied)
-from each surface voxel of one mask to the nearest surface voxel of the other; it is not the maximum (Hausdorff)
-distance, so a few stray voxels do not dominate it.
+Dice is :func:`dice`, the engine's one Dice (validation during training uses it too); HD95 comes from MONAI's
+``compute_hausdorff_distance(percentile=95, spacing=...)``. HD95 is the larger of the two directed 95th percentiles
+of the distances (mm, voxel spacing applied) from each surface voxel of one mask to the nearest surface voxel of the
+other; it is not the maximum (Hausdorff) distance, so a few stray voxels do not dominate it.
 
 Empty masks are decided here, before MONAI is asked, and every such case carries a ``note``:
 
-- label absent from both prediction and reference: Dice 1.0 (nothing to find, nothing found), HD95 None;
+- label absent from both prediction and reference: Dice 1.0 (nothing to find, nothing found: :func:`dice`'s rule),
+  HD95 None;
 - label absent from one of them only: Dice 0.0, HD95 None (no surface to measure a distance to).
 
 Means leave out None values; ``hd95_count`` says how many values a mean HD95 is made of.
@@ -27,13 +28,14 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_hausdorff_distance
 
 from . import volumes
 from .cards import Label
+from .outputs import atomic_write
 from .progress import Progress, silent
 
-__all__ = ["CaseMetrics", "LabelMetrics", "evaluate", "format_table", "label_metrics", "summarize", "write_csv",
+__all__ = ["CaseMetrics", "LabelMetrics", "dice", "evaluate", "format_table", "label_metrics", "summarize", "write_csv",
            "write_json"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -103,6 +105,23 @@ class CaseMetrics:
 
 
 # ---------------------------------------------------------------------------------------------------- computing
+
+
+def dice(predicted: np.ndarray, reference: np.ndarray) -> float:
+    """Dice of two masks of one shape: ``2 |P ∩ R| / (|P| + |R|)``, counted exactly.
+
+    The rule for a label absent from both masks: Dice 1.0 (nothing to find and nothing found; MONAI's
+    ``ignore_empty=False``). Absent from one of them only: 0.0. ``evaluate`` and the validation of a training both
+    use this function, so the two agree on every case.
+
+    Args:
+        predicted, reference: boolean (or 0/1) arrays of one shape.
+    """
+    predicted, reference = np.asarray(predicted, dtype=bool), np.asarray(reference, dtype=bool)
+    if predicted.shape != reference.shape:
+        raise ValueError(f"masks of different shapes: {predicted.shape} and {reference.shape}")
+    total = int(np.count_nonzero(predicted)) + int(np.count_nonzero(reference))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(predicted & reference)) / total
 
 
 def label_metrics(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float],
@@ -249,22 +268,20 @@ def format_table(cases: Sequence[CaseMetrics]) -> str:
 
 def _one_label(predicted: np.ndarray, expected: np.ndarray, array_spacing: tuple, label: Label) -> LabelMetrics:
     n_predicted, n_expected = int(np.count_nonzero(predicted)), int(np.count_nonzero(expected))
-    note = ""
+    score, hd95, note = dice(predicted, expected), None, ""
     if n_predicted == 0 and n_expected == 0:
-        dice, hd95, note = 1.0, None, "absent from prediction and reference"
+        note = "absent from prediction and reference"
     elif n_predicted == 0 or n_expected == 0:
-        dice, hd95 = 0.0, None
         note = "absent from prediction" if n_predicted == 0 else "absent from reference"
     else:
         y_pred = torch.from_numpy(predicted)[None, None].float()
         y = torch.from_numpy(expected)[None, None].float()
-        dice = float(compute_dice(y_pred, y, include_background=True, ignore_empty=False)[0, 0])
         with warnings.catch_warnings():
             # MONAI 1.5+ warns about its own internal use of a deprecated argument on every call.
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
             hd95 = float(compute_hausdorff_distance(y_pred, y, include_background=True, percentile=HD_PERCENTILE,
                                                     spacing=list(array_spacing))[0, 0])
-    return LabelMetrics(label.value, label.name, dice, hd95, n_predicted, n_expected, note)
+    return LabelMetrics(label.value, label.name, score, hd95, n_predicted, n_expected, note)
 
 
 def _foreground(labels: Iterable) -> list:
@@ -345,5 +362,5 @@ def _write_text(path: Path, text: str) -> Path:
         with open(temporary, "w", encoding="utf-8", newline="") as stream:
             stream.write(text)
 
-    volumes._atomic_write(path, path.suffix, write)
+    atomic_write(path, write, what="metrics")
     return path

@@ -1,4 +1,5 @@
-"""The adapter store: shipped adapters (read only) and the user's own adapters, listed together.
+"""Where models are: the adapter store (shipped adapters, read only, and the user's own, listed together) and the
+rules that turn a ``--base`` or ``--adapter`` argument into a file.
 
 Layout: each adapter is one file ``<name>.safetensors`` (see :mod:`TCURLoRALib.files`); its store name is the file
 name without the suffix. Two folders are read:
@@ -18,6 +19,10 @@ Rules:
 - Only user adapters can be deleted or renamed (shipped ones raise PermissionError).
 - Files that cannot be read are skipped by :meth:`AdapterStore.list` and reported (logged as warnings and kept in
   :attr:`AdapterStore.problems`), never fatal.
+- Temporary files that a killed save left in the user folder are removed by the next listing or save
+  (:func:`TCURLoRALib.outputs.remove_stale_temporaries`).
+
+Torch-free: listing adapters and reading their cards imports no torch (the Slicer panels fill their lists with it).
 """
 from __future__ import annotations
 
@@ -27,12 +32,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
-
-import torch
 
 from . import files
 from .cards import AdapterCard, CardError
+from .outputs import OutputError, remove_stale_temporaries
+from .paths import shipped_models_dir
 
 ENV_HOME = "TCURLORA_HOME"
 SUFFIX = ".safetensors"
@@ -116,6 +120,7 @@ class AdapterStore:
         Unreadable files are skipped and recorded in :attr:`problems`.
         """
         problems: list[StoreProblem] = []
+        remove_stale_temporaries(self.user_dir)
         if not self.shipped_dir.is_dir():
             problems.append(StoreProblem(self.shipped_dir, "shipped adapter folder does not exist"))
         entries = self._scan(self.shipped_dir, "shipped", problems) + self._scan(self.user_dir, "user", problems)
@@ -141,11 +146,6 @@ class AdapterStore:
             raise FileNotFoundError(f"no adapter named {name!r}; available: {[e.name for e in entries]}")
         return min(matches, key=lambda e: (e.name != name, SOURCES.index(e.source)))
 
-    def load(self, name: str, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], AdapterCard]:
-        """Tensors and card of the adapter called ``name`` (see :meth:`find` and :func:`files.load`)."""
-        tensors, card = files.load(self.find(name).path, "adapter", device=device)
-        return tensors, AdapterCard.from_json(card)
-
     def path_for_new(self, name: str, overwrite: bool = False) -> Path:
         """Path in the user folder for a new adapter ``name``; creates the user folder if needed.
 
@@ -165,14 +165,15 @@ class AdapterStore:
                 raise FileExistsError(f"adapter name {name!r} differs only in case from the existing user adapter "
                                       f"{existing.stem!r}: choose another name or use {existing.stem!r}")
             if not overwrite:
-                raise FileExistsError(f"a user adapter named {name!r} already exists ({str(existing)!r})")
-        self.user_dir.mkdir(parents=True, exist_ok=True)
+                raise FileExistsError(f"a user adapter named {name!r} already exists ({str(existing)!r}): give "
+                                      f"--overwrite to replace it, or another name")
+        try:
+            self.user_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"cannot create the adapter folder {str(self.user_dir)!r} ({error.strerror or error}): "
+                              f"set {ENV_HOME} to a folder you can write to") from error
+        remove_stale_temporaries(self.user_dir)
         return self.user_dir / f"{name}{SUFFIX}"
-
-    def save(self, tensors: Mapping[str, torch.Tensor], card: AdapterCard, overwrite: bool = False) -> Path:
-        """Writes a new user adapter named ``card.name`` atomically (rules as :meth:`path_for_new`)."""
-        path = self.path_for_new(card.name, overwrite=overwrite)
-        return files.save_atomic(path, tensors, card.to_json(), "adapter")
 
     def delete(self, name: str) -> None:
         """Deletes the user adapter ``name``.
@@ -203,10 +204,12 @@ class AdapterStore:
             new_path = self.user_dir / f"{new}{SUFFIX}"  # a change of case only: it replaces itself
         else:
             new_path = self.path_for_new(new)
+        from . import tensorfiles  # the one store operation that rewrites tensors
+
         same_file = new_path.exists() and os.path.samefile(new_path, old_path)
-        tensors, card = files.load(old_path, "adapter")
+        tensors, card = tensorfiles.load(old_path, "adapter")
         renamed = dataclasses.replace(AdapterCard.from_json(card), name=new)
-        files.save_atomic(new_path, tensors, renamed.to_json(), "adapter")
+        tensorfiles.save_atomic(new_path, tensors, renamed.to_json(), "adapter", overwrite=same_file)
         if not same_file:
             old_path.unlink()
         return new_path
@@ -241,3 +244,56 @@ class AdapterStore:
             except (files.TCURLoRAFileError, CardError, OSError) as error:
                 problems.append(StoreProblem(path, f"skipped: {error}"))
         return entries
+
+
+# ---------------------------------------------------------------------------------------------------- model locations
+
+
+def adapter_store() -> AdapterStore:
+    """The store of this installation: shipped adapters (:func:`TCURLoRALib.paths.shipped_models_dir`) and the
+    user's folder (:func:`default_user_dir`)."""
+    return AdapterStore(shipped_models_dir())
+
+
+def resolve_base(argument: str | os.PathLike | None) -> Path:
+    """A ``--base`` argument: the file it names, or, when it is empty, the one shipped base model.
+
+    Raises:
+        FileNotFoundError: the named file does not exist.
+        ValueError: no argument, and not exactly one base model in the shipped folder.
+    """
+    if argument:
+        path = Path(argument)
+        if not path.is_file():
+            raise FileNotFoundError(f"base model {str(argument)!r} does not exist")
+        return path
+    folder = shipped_models_dir()
+    bases = []
+    for candidate in sorted(folder.glob(f"*{SUFFIX}")):
+        try:
+            if files.read_info(candidate)[0] == "base":
+                bases.append(candidate)
+        except files.TCURLoRAFileError:
+            continue
+    if len(bases) != 1:
+        found = "none" if not bases else ", ".join(p.name for p in bases)
+        raise ValueError(f"give --base: {len(bases)} shipped base models in {str(folder)!r} ({found})")
+    return bases[0]
+
+
+def resolve_adapter(argument: str | os.PathLike | None) -> Path | None:
+    """An ``--adapter`` argument: an adapter file, or the name of one in the store; ``None`` or ``"none"`` for the
+    base alone.
+
+    Raises:
+        FileNotFoundError: a file that does not exist (an argument ending in ``.safetensors``), or no adapter of
+            that name (the message lists the available ones).
+    """
+    if argument is None or str(argument).lower() == "none":
+        return None
+    path = Path(argument)
+    if path.suffix == SUFFIX or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"adapter file {str(argument)!r} does not exist")
+        return path
+    return adapter_store().find(str(argument)).path

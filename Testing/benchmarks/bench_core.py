@@ -1,8 +1,8 @@
-"""Benchmark of the tCURLoRA core on a CPU: ΔW by FFT vs block-circulant, and one training step vs LoRA (peft).
+"""Benchmark of the tCURLoRA core on a CPU: the routes of a group's update, and one training step against LoRA (peft).
 
 Run from the repository root::
 
-    python Testing/benchmarks/bench_core.py [--quick] [--out results.md]
+    python Testing/benchmarks/bench_core.py [--quick] [--threads 1] [--out results.md]
 
 Every measurement runs in a fresh child process (``--one SPEC``) started with the malloc settings of the background
 training process (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=10^12``, see DESIGN.md): glibc then neither returns
@@ -10,19 +10,22 @@ freed memory to the system nor serves large blocks by ``mmap``, so the resident 
 (``ru_maxrss``) is the high-water mark of the whole run. The parent prints and writes Markdown tables of ratios
 measured side by side in one run.
 
-Table 1: ``ΔW = C * (U - U0) * R`` of one group (``n1 x n2 x n3``, rank ``r``), forward and backward to ``U``:
-``TCURGroup.delta_weight`` (rfft, batched slice products, irfft) against the textbook block-circulant product
-``unfold(ΔW) = bcirc(C) @ bcirc(U - U0) @ unfold(R)``. ``unfold(R)`` is the first block column of ``bcirc(R)``,
-and the first block column of ``bcirc(C) bcirc(U) bcirc(R) = bcirc(ΔW)`` is all of ``ΔW``; the full
-``(n1 n3) x (n2 n3)`` product would need 5.4 GB at ``n3 = 48`` for nothing more.
+Table 1, routes (``tcur/routes.py``): all Linear layers ("sites") of one weight group (``n1 x n2 x n3``, rank 8) on
+``N`` random input rows each, forward and backward (to U and to the inputs) with a fixed upstream gradient: the
+frozen base layers alone (``F.linear`` with no weight gradient, what every method pays), and each route on top of
+them: dense ΔW by FFT, dense ΔW by block-circulant products, the factored form, and the factored form without the
+input gradient of its own (its x-side backward: what all sites but the first block's qkv must pay). Times over the base, with the route the count of
+``routes.route_costs`` chooses and the fastest measured, and, per route pair, the token count where the measured
+lines (time = a + b N, through the two extreme N) cross.
 
-Table 2: one training step (forward, DiceCE loss, backward, AdamW step; batch 1) of a MONAI UNETR with (a) tCURLoRA
-(U of all three groups + decoder5..2), (b) LoRA injected by peft into every qkv, out_proj, linear1, linear2 of the
-ViT (+ decoder5..2), (c) the frozen ViT with decoder5..2 only. Time: the methods of one setting are built side by side
-in one child and stepped in rounds, so that load from other processes on a shared machine hits them alike; median
-wall clock over the timed rounds. Memory: a separate child per method; peak resident set (``ru_maxrss``) minus the
-resident set once model, optimiser and batch are built, i.e. what the training steps add (activations, gradients,
-AdamW state).
+Table 2: one training step (forward, DiceCE loss, backward, AdamW step) of a MONAI UNETR with (a) tCURLoRA
+(U of all three groups + decoder5..2) with routes chosen by the count, (b) the same with the dense FFT route for
+every group (the code before routes), (c) LoRA injected by peft into every qkv, out_proj, linear1, linear2 of the
+ViT (+ decoder5..2), (d) the frozen ViT with decoder5..2 only. Time: the methods of one setting are built side by
+side in one child and stepped in rounds, so that load from other processes on a shared machine hits them alike;
+median wall clock over the timed rounds. Memory: a separate child per method; peak resident set (``ru_maxrss``)
+minus the resident set once model, optimiser and batch are built, i.e. what the training steps add (activations,
+gradients, AdamW state).
 
 Not part of the pytest suite (the file name does not match ``test_*.py``) and imported by no test.
 """
@@ -91,62 +94,67 @@ def interleaved(runs: dict[str, Callable[[], None]], warmup: int, repeats: int) 
     return durations
 
 
-def bcirc(tensor):
-    """Block-circulant matrix of ``tensor`` (``n1 x n2 x n3``): ``(n3 n1) x (n3 n2)``, block ``(i, j)`` = slice ``i - j mod n3``."""
+ROUTE_RUNS = ("base", "fft", "bcirc", "factored", "factored, no input grad")
+"""What the routes table times: the frozen base layers alone, then each route on top of them."""
+
+
+def group_geometry(model: str, group: str) -> tuple[tuple[int, int, int], list[int]]:
+    """``(n1, n2, n3)`` and the slices each site holds, for ``group`` of ``model``'s 12-layer ViT."""
+    hidden, mlp = MODELS[model]["hidden_size"], MODELS[model]["mlp_dim"]
+    shapes = {"attention": (hidden, hidden, 48), "mlp_up": (mlp, hidden, 12), "mlp_down": (hidden, mlp, 12)}
+    return shapes[group], ([3, 1] * 12 if group == "attention" else [1] * 12)
+
+
+def measure_routes(spec: dict) -> dict:
+    """Forward + backward of every site of one group at each token count of ``spec["tokens"]``: the base layers
+    alone and each route on top of them, timed in rotated rounds; seconds, with the count's choice."""
     import torch
-
-    n1, n2, n3 = tensor.shape
-    index = (torch.arange(n3)[:, None] - torch.arange(n3)[None, :]) % n3
-    blocks = tensor.permute(2, 0, 1)[index]  # n3 x n3 x n1 x n2, differentiable gather
-    return blocks.permute(0, 2, 1, 3).reshape(n3 * n1, n3 * n2)
-
-
-def unfold(tensor):
-    """Frontal slices stacked vertically: ``n1 x n2 x n3`` -> ``(n3 n1) x n2``."""
-    n1, n2, n3 = tensor.shape
-    return tensor.permute(2, 0, 1).reshape(n3 * n1, n2)
-
-
-def fold(matrix, n1: int, n3: int):
-    """Inverse of :func:`unfold`: ``(n3 n1) x n2`` -> ``n1 x n2 x n3``."""
-    return matrix.reshape(n3, n1, -1).permute(1, 2, 0)
-
-
-def measure_delta(n1: int, n2: int, n3: int, rank: int, warmup: int, repeats: int) -> dict:
-    """Forward + backward to U of ΔW for one group ``n1 x n2 x n3`` at ``rank``, by FFT and by block-circulant
-    product; times in seconds."""
-    import torch
+    import torch.nn.functional as F
 
     from TCURLoRALib.tcur import TCURGroup
+    from TCURLoRALib.tcur.routes import route_costs
 
+    (n1, n2, n3), counts = group_geometry(spec["model"], spec["group"])
     generator = torch.Generator().manual_seed(0)
-    group = TCURGroup.from_weight(torch.randn(n1, n2, n3, generator=generator) / n2**0.5, rank)
+    weight = torch.randn(n1, n2, n3, generator=generator) / n2**0.5
+    group = TCURGroup.from_weight(weight, spec["rank"])
     with torch.no_grad():
         group.u.add_(0.01 * torch.randn(group.u.shape, generator=generator))  # ΔW != 0, as after some training
-    upstream = torch.randn(n1, n2, n3, generator=generator)
+    sites, start = [], 0
+    for count in counts:
+        sites.append((start, start + count, torch.cat(weight[:, :, start : start + count].unbind(-1)).contiguous()))
+        start += count
+    results = []
+    for tokens in spec["tokens"]:
+        inputs = [torch.randn(tokens, n2, generator=generator) for _ in sites]
+        upstream = [torch.randn(tokens, (stop - begin) * n1, generator=generator) for begin, stop, _ in sites]
 
-    def by_bcirc():
-        core = group.u - group.u_init
-        return fold(bcirc(group.c) @ (bcirc(core) @ unfold(group.r)), n1, n3)
+        def run(route: str) -> Callable[[], None]:
+            def step() -> None:
+                group.u.grad = None
+                xs = [x.detach().requires_grad_() for x in inputs]
+                if route in ("fft", "bcirc"):
+                    slices = group.delta_slices(route)
+                    outputs = [F.linear(x, w + slices[a:b].reshape(-1, n2)) for x, (a, b, w) in zip(xs, sites)]
+                elif route == "base":
+                    outputs = [F.linear(x, w) for x, (_, _, w) in zip(xs, sites)]
+                else:
+                    core = group.mixing()
+                    # "no input grad": the base layers still pass the input gradient, the update does not.
+                    cut = route != "factored"
+                    outputs = [group.update(x.detach() if cut else x, a, b, core, base=F.linear(x, w))
+                               for x, (a, b, w) in zip(xs, sites)]
+                torch.autograd.backward(outputs, upstream)
 
-    with torch.no_grad():
-        reference = group.delta_weight()
-        error = (by_bcirc() - reference).abs().max().item() / reference.abs().max().item()
+            return step
 
-    def step(delta: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        def run() -> None:
-            group.u.grad = None
-            delta().backward(upstream)
-
-        return run
-
-    durations = interleaved({"fft": step(group.delta_weight), "bcirc": step(by_bcirc)}, warmup, repeats)
-    return {"wall_s": {name: times["wall"] for name, times in durations.items()}, "relative_difference": error}
-
-
-def measure_deltas(spec: dict) -> dict:
-    """:func:`measure_delta` for every ``[n1, n2, n3, r]`` of ``spec["shapes"]``, in one process."""
-    return {"results": [measure_delta(*shape, spec["warmup"], spec["repeats"]) for shape in spec["shapes"]]}
+        durations = interleaved({route: run(route) for route in ROUTE_RUNS}, spec["warmup"], spec["repeats"])
+        results.append({
+            "tokens": tokens,
+            "wall_s": {route: times["wall"] for route, times in durations.items()},
+            "count": route_costs((n1, n2, n3), spec["rank"], counts, tokens),
+        })
+    return {"results": results}
 
 
 def build_unetr(model: str, size: int):
@@ -161,8 +169,14 @@ def numel(parameters) -> int:
     return sum(p.numel() for p in parameters)
 
 
-def prepare(method: str, rank: int, unetr):
-    """Wrap ``unetr`` for ``method`` and set what trains; return ``(model, counts)``."""
+def parse_method(name: str) -> tuple[str, int, str]:
+    """``"tcur:8:auto"`` -> ``("tcur", 8, "auto")``; ``"lora:1"`` -> ``("lora", 1, "")``; ``"frozen:0"``."""
+    method, rank, *route = name.split(":")
+    return method, int(rank), (route[0] if route else "")
+
+
+def prepare(method: str, rank: int, unetr, route: str = "auto"):
+    """Wrap ``unetr`` for ``method`` (tCURLoRA on ``route``) and set what trains; return ``(model, counts)``."""
     from torch import nn
 
     from TCURLoRALib.tcur import DECODER_BLOCKS
@@ -173,6 +187,7 @@ def prepare(method: str, rank: int, unetr):
         from TCURLoRALib.tcur import TCURLoRAConfig, TCURLoRAModel
 
         model: nn.Module = TCURLoRAModel(unetr, TCURLoRAConfig(rank=rank))
+        model.set_route(route)
         counts = model.mark_trainable(train_head=False)
         adapter = counts.u
     elif method == "lora":
@@ -202,19 +217,21 @@ def prepare(method: str, rank: int, unetr):
     return model, {"adapter": adapter, "decoder": decoder_count, "trainable": trainable}
 
 
-def training_step(spec: dict, method: str, rank: int) -> tuple[Callable[[], None], dict]:
-    """A fresh UNETR of ``spec``'s model and size, prepared for ``method``; its step function and counts."""
+def training_step(spec: dict, name: str) -> tuple[Callable[[], None], dict]:
+    """A fresh UNETR of ``spec``'s model and size, prepared for method ``name`` (see :func:`parse_method`); its
+    step function (batch ``spec["batch"]``) and counts."""
     import torch
     from monai.losses import DiceCELoss
 
-    size = spec["size"]
-    model, counts = prepare(method, rank, build_unetr(spec["model"], size))
+    size, batch = spec["size"], spec["batch"]
+    method, rank, route = parse_method(name)
+    model, counts = prepare(method, rank, build_unetr(spec["model"], size), route or "auto")
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
-    image = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(1))
+    image = torch.randn(batch, 1, size, size, size, generator=torch.Generator().manual_seed(1))
     grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, size)] * 3, indexing="ij"))
-    label = (grid.square().sum(0) < 0.4).float()[None, None]  # a ball: both classes present
+    label = (grid.square().sum(0) < 0.4).float()[None, None].expand(batch, -1, -1, -1, -1)  # a ball: both classes
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -227,9 +244,8 @@ def training_step(spec: dict, method: str, rank: int) -> tuple[Callable[[], None
 def measure_time(spec: dict) -> dict:
     """Step times of every method of one setting, built side by side in this process and timed in rounds."""
     steps, counts = {}, {}
-    for method, rank in spec["methods"]:
-        name = f"{method}:{rank}"
-        steps[name], counts[name] = training_step(spec, method, rank)
+    for name in spec["methods"]:
+        steps[name], counts[name] = training_step(spec, name)
     durations = interleaved(steps, spec["warmup"], spec["steps"])
     return {
         "wall_s": {name: times["wall"] for name, times in durations.items()},
@@ -262,7 +278,7 @@ def measure_memory(spec: dict) -> dict:
     """
     import psutil
 
-    step, counts = training_step(spec, spec["method"], spec["rank"])
+    step, counts = training_step(spec, spec["method"])
     gc.collect()
     release_free_heap()
     rss_built = psutil.Process().memory_info().rss / 2**20
@@ -310,24 +326,34 @@ def lora_matched_rank(unetr, tcur_rank: int) -> int:
     return max(1, round(u_count / per_rank))
 
 
+GROUPS = ("attention", "mlp_up", "mlp_down")
+
+
 def plan(quick: bool, warmup: int, steps: int, threads: int | None) -> list[dict]:
-    """The child runs, in order: ΔW sizes, then per setting one timing run and one memory run per method."""
+    """The child runs, in order: routes per group and model, then per setting one timing run and one memory run per
+    method."""
     if quick:
-        deltas = [(192, 12, 8), (192, 48, 8)]
-        settings = [("compact", 64)]
+        route_models = [("compact", [64, 216], 3)]
+        settings = [("compact", 64, 1)]
     else:
-        deltas = [(768, n3, r) for n3 in (12, 48) for r in (8, 32)]
-        settings = [("UNETR-B", 96), ("compact", 96), ("compact", 64)]
-    shapes = [[n, n, n3, r] for n, n3, r in deltas]
-    specs = [{"kind": "delta", "shapes": shapes, "warmup": 1, "repeats": 3 if quick else 5}]
-    for model, size in settings:
-        # --quick leaves out the paper's LoRA rank, to stay near a minute.
-        lora_ranks = [lora_matched_rank(build_unetr(model, 64), TCUR_RANK)] + ([] if quick else [PAPER_LORA_RANK])
-        methods = [("tcur", TCUR_RANK)] + [("lora", rank) for rank in lora_ranks] + [("frozen", 0)]
-        setting = {"model": model, "size": size}
+        route_models = [("UNETR-B", [216, 432, 864], 3), ("compact", [64, 216, 432], 5)]
+        settings = [("UNETR-B", 96, 1), ("UNETR-B", 96, 2), ("compact", 96, 1), ("compact", 64, 1)]
+    specs = [
+        {"kind": "routes", "model": model, "group": group, "rank": TCUR_RANK, "tokens": tokens, "warmup": 1,
+         "repeats": repeats}
+        for model, tokens, repeats in route_models for group in GROUPS
+    ]
+    for model, size, batch in settings:
+        matched = f"lora:{lora_matched_rank(build_unetr(model, 64), TCUR_RANK)}"
+        methods = [f"tcur:{TCUR_RANK}:auto", f"tcur:{TCUR_RANK}:fft", matched, f"lora:{PAPER_LORA_RANK}", "frozen:0"]
+        if quick:
+            methods.remove(f"lora:{PAPER_LORA_RANK}")  # to stay near two minutes
+        if batch > 1:  # the goal's comparison only: the other rows change with the batch as at batch 1
+            methods = [methods[0], matched, "frozen:0"]
+        setting = {"model": model, "size": size, "batch": batch}
         specs.append({"kind": "time", **setting, "methods": methods, "warmup": warmup, "steps": steps})
         # Two steps: the first allocates AdamW's state, the second shows that nothing else accumulates.
-        specs += [{"kind": "memory", **setting, "method": m, "rank": r, "steps": 2} for m, r in methods]
+        specs += [{"kind": "memory", **setting, "method": method, "steps": 2} for method in methods]
     for spec in specs:
         spec["threads"] = threads
     return specs
@@ -344,42 +370,85 @@ def ratio(numerator: float, denominator: float) -> str:
     return f"{numerator / denominator:.2f}"
 
 
-def delta_table(results: list[tuple[dict, dict]]) -> list[str]:
+def crossing(first: tuple[float, float], second: tuple[float, float]) -> float | None:
+    """Where two lines ``a + b N`` given as ``(a, b)`` cross, for ``N > 0``; ``None`` where they do not."""
+    (a1, b1), (a2, b2) = first, second
+    if b1 == b2:
+        return None
+    tokens = (a2 - a1) / (b1 - b2)
+    return tokens if tokens > 0 else None
+
+
+def line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """``(a, b)`` of the line through the first and last ``(N, value)`` points."""
+    (n_first, first), (n_last, last) = points[0], points[-1]
+    slope = (last - first) / (n_last - n_first)
+    return first - slope * n_first, slope
+
+
+def route_table(results: list[tuple[dict, dict]]) -> list[str]:
+    """Per group and token count: time over the base layers of each route, the count's choice, the fastest."""
+    routes = ROUTE_RUNS[1:4]
     lines = [
-        "| n1 x n2 x n3 | r | FFT (ms) | block-circulant (ms) | bcirc / FFT | max rel. difference |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model, group (n1 x n2 x n3) | N | base layers (ms) | fft | bcirc | factored | factored, no input grad "
+        "| count chooses | fastest measured |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    crossings = [
+        "| model, group | measured: factored = fft at N | factored = bcirc at N | fft = bcirc at N "
+        "| count: factored = fft at N | factored = bcirc at N | fft = bcirc at N |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for spec, outcome in results:
+        (n1, n2, n3), _ = group_geometry(spec["model"], spec["group"])
+        label = f"{spec['model']}, {spec['group']} ({n1} x {n2} x {n3})"
         if "error" in outcome:
-            lines.append(f"| all | | failed: {outcome['error']} | | | |")
+            lines.append(f"| {label} | | failed: {outcome['error']} | | | | | | |")
             continue
-        for (n1, n2, n3, rank), result in zip(spec["shapes"], outcome["results"]):
-            fft, circ = median(result["wall_s"]["fft"]), median(result["wall_s"]["bcirc"])
+        measured: dict[str, list[tuple[int, float]]] = {route: [] for route in routes}
+        counted: dict[str, list[tuple[int, float]]] = {route: [] for route in routes}
+        for result in outcome["results"]:
+            wall = {route: 1000 * median(times) for route, times in result["wall_s"].items()}
+            over = {route: wall[route] - wall["base"] for route in ROUTE_RUNS[1:]}
+            chosen = min(routes, key=result["count"].__getitem__)
+            fastest = min(routes, key=over.__getitem__)
+            for route in routes:
+                measured[route].append((result["tokens"], over[route]))
+                counted[route].append((result["tokens"], result["count"][route]))
+            cells = [f"{over[route]:,.0f}" for route in ROUTE_RUNS[1:]]
             lines.append(
-                f"| {n1} x {n2} x {n3} | {rank} | {1000 * fft:,.1f} | {1000 * circ:,.1f} | {ratio(circ, fft)} "
-                f"| {result['relative_difference']:.1e} |"
+                f"| {label} | {result['tokens']} | {wall['base']:,.0f} | " + " | ".join(cells) + f" | {chosen} | {fastest} |"
             )
-    return lines
+        pairs = [("factored", "fft"), ("factored", "bcirc"), ("fft", "bcirc")]
+        cells = []
+        for source in (measured, counted):
+            for first, second in pairs:
+                tokens = crossing(line(source[first]), line(source[second]))
+                cells.append("none" if tokens is None else f"{tokens:,.0f}")
+        crossings.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + ["", "Crossovers (lines through the smallest and largest N of each group; \"none\": one route "
+                    "is cheaper at every N > 0):", ""] + crossings
 
 
-def method_name(method: str, rank: int) -> str:
+def method_name(name: str) -> str:
+    method, rank, route = parse_method(name)
     if method == "tcur":
-        return f"tCURLoRA r={rank}"
+        return f"tCURLoRA r={rank}" + (", routes by count" if route == "auto" else f", {route} route")
     if method == "lora":
         return f"LoRA (peft) r={rank}"
     return "frozen ViT, decoder only"
 
 
-def setting_rows(results: list[tuple[dict, dict]]) -> dict[tuple[str, int], list[dict]]:
-    """Per (model, size): one row per method joining its step times and its memory, with any errors."""
-    settings: dict[tuple[str, int], list[dict]] = {}
+def setting_rows(results: list[tuple[dict, dict]]) -> dict[tuple[str, int, int], list[dict]]:
+    """Per (model, size, batch): one row per method joining its step times and its memory, with any errors."""
+    settings: dict[tuple[str, int, int], list[dict]] = {}
     for spec, result in results:
         if spec["kind"] != "time":
             continue
-        rows = settings.setdefault((spec["model"], spec["size"]), [])
-        for method, rank in spec["methods"]:
-            name = f"{method}:{rank}"
-            row = {"method": method, "rank": rank, "errors": [], "steps": spec["steps"], "warmup": spec["warmup"]}
+        rows = settings.setdefault((spec["model"], spec["size"], spec["batch"]), [])
+        for name in spec["methods"]:
+            row = {"name": name, "method": parse_method(name)[0], "errors": [], "steps": spec["steps"],
+                   "warmup": spec["warmup"]}
             if "error" in result:
                 row["errors"].append(f"time: {result['error']}")
             else:
@@ -388,8 +457,8 @@ def setting_rows(results: list[tuple[dict, dict]]) -> dict[tuple[str, int], list
     for spec, result in results:
         if spec["kind"] != "memory":
             continue
-        for row in settings.get((spec["model"], spec["size"]), []):
-            if (row["method"], row["rank"]) == (spec["method"], spec["rank"]):
+        for row in settings.get((spec["model"], spec["size"], spec["batch"]), []):
+            if row["name"] == spec["method"]:
                 if "error" in result:
                     row["errors"].append(f"memory: {result['error']}")
                 else:
@@ -401,42 +470,46 @@ def complete(row: dict | None) -> bool:
     return row is not None and "wall_s" in row and "step_peak_mib" in row
 
 
-def headline_table(settings: dict[tuple[str, int], list[dict]]) -> list[str]:
-    """tCURLoRA over each LoRA of the same setting: step time and step peak memory."""
+def headline_table(settings: dict[tuple[str, int, int], list[dict]]) -> list[str]:
+    """tCURLoRA (routes by count) over each other adapter row of the same setting: step time and step peak memory."""
     lines = [
-        "| setting | tCURLoRA r=8 vs | trainable params (LoRA / tCURLoRA) | step time ratio (medians) "
-        "| step time ratio (fastest rounds) | step CPU-time ratio | step peak memory ratio |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| setting | tCURLoRA r=8 vs | trainable params (other / tCURLoRA) | step time ratio (medians) "
+        "| step time ratio (fastest rounds) | step time ratio (median of rounds) | step CPU-time ratio "
+        "| step peak memory ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for (model, size), rows in settings.items():
-        tcur = next((row for row in rows if row["method"] == "tcur"), None)
-        for lora in rows:
-            if lora["method"] != "lora":
+    for (model, size, batch), rows in settings.items():
+        tcur = next((row for row in rows if row["name"].endswith(":auto")), None)
+        for other in rows:
+            if other is tcur or other["method"] == "frozen":
                 continue
-            if not (complete(tcur) and complete(lora)):
-                lines.append(f"| {model} {size}^3 | {method_name('lora', lora['rank'])} | failed, see below | | | | |")
+            setting = f"{model} {size}^3, batch {batch}"
+            if not (complete(tcur) and complete(other)):
+                lines.append(f"| {setting} | {method_name(other['name'])} | failed, see below | | | | | |")
                 continue
             lines.append(
-                f"| {model} {size}^3 | {method_name('lora', lora['rank'])} | {lora['trainable']:,} / {tcur['trainable']:,} "
-                f"| {ratio(median(tcur['wall_s']), median(lora['wall_s']))} "
-                f"| {ratio(min(tcur['wall_s']), min(lora['wall_s']))} "
-                f"| {ratio(median(tcur['cpu_s']), median(lora['cpu_s']))} "
-                f"| {ratio(tcur['step_peak_mib'], lora['step_peak_mib'])} |"
+                f"| {setting} | {method_name(other['name'])} | {other['trainable']:,} / {tcur['trainable']:,} "
+                f"| {ratio(median(tcur['wall_s']), median(other['wall_s']))} "
+                f"| {ratio(min(tcur['wall_s']), min(other['wall_s']))} "
+                f"| {median([a / b for a, b in zip(tcur['wall_s'], other['wall_s'])]):.2f} "
+                f"| {ratio(median(tcur['cpu_s']), median(other['cpu_s']))} "
+                f"| {ratio(tcur['step_peak_mib'], other['step_peak_mib'])} |"
             )
     return lines
 
 
-def step_table(settings: dict[tuple[str, int], list[dict]]) -> list[str]:
+def step_table(settings: dict[tuple[str, int, int], list[dict]]) -> list[str]:
     """One table per setting, every method, with ratios against the count-matched LoRA (the first LoRA row)."""
     lines: list[str] = []
-    for (model, size), rows in settings.items():
+    for (model, size, batch), rows in settings.items():
         matched = next((row for row in rows if row["method"] == "lora" and complete(row)), None)
-        against = f"LoRA r={matched['rank']}" if matched else "LoRA"
+        against = method_name(matched["name"]).replace(" (peft)", "") if matched else "LoRA"
         sizes = MODELS[model]
         lines += [
             "",
             f"**{model}** (hidden {sizes['hidden_size']}, mlp {sizes['mlp_dim']}, {sizes['num_heads']} heads, "
-            f"feature_size 16) at {size}^3: {rows[0]['steps']} timed rounds after {rows[0]['warmup']} warm-up",
+            f"feature_size 16) at {size}^3, batch {batch}: {rows[0]['steps']} timed rounds after {rows[0]['warmup']} "
+            "warm-up",
             "",
             "| method | adapter params | trainable params | step (ms), median [min, max] | step CPU time (ms) "
             f"| time / {against} | step peak (MiB) | peak RSS in steps (MiB) | peak / {against} |",
@@ -444,11 +517,11 @@ def step_table(settings: dict[tuple[str, int], list[dict]]) -> list[str]:
         ]
         for row in rows:
             if row["errors"] or not complete(row):
-                lines.append(f"| {method_name(row['method'], row['rank'])} | failed: {'; '.join(row['errors'])} | | | | | | | |")
+                lines.append(f"| {method_name(row['name'])} | failed: {'; '.join(row['errors'])} | | | | | | | |")
                 continue
             wall = row["wall_s"]
             cells = [
-                method_name(row["method"], row["rank"]), f"{row['adapter']:,}", f"{row['trainable']:,}",
+                method_name(row["name"]), f"{row['adapter']:,}", f"{row['trainable']:,}",
                 f"{1000 * median(wall):,.0f} [{1000 * min(wall):,.0f}, {1000 * max(wall):,.0f}]",
                 f"{1000 * median(row['cpu_s']):,.0f}",
                 ratio(median(wall), median(matched["wall_s"])) if matched else "n/a",
@@ -481,16 +554,19 @@ def header(quick: bool, threads: int | None, peak_reset: bool, load_before: tupl
         f"- Load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; total {elapsed / 60:.1f} min. "
         "Other processes on the machine slow some rounds: timings are taken in interleaved rounds so that such load "
         "hits every compared row alike.",
-        "- ΔW: `TCURGroup.delta_weight` (rfft, slice products, irfft) vs `fold(bcirc(C) @ bcirc(U - U0) @ unfold(R))` "
-        "(`unfold(R)` is the first block column of `bcirc(R)`, and that is all of the product that ΔW needs), "
-        "forward + backward to U with a fixed random upstream gradient; median of the timed rounds "
-        f"({3 if quick else 5}) after 1 warm-up. Max rel. difference: the two results against each other.",
-        "- Training step: forward + DiceCE + backward + AdamW, batch 1, on a random image and a ball label. "
-        "tCURLoRA on all three groups (attention 4L, mlp_up L, mlp_down L slices), init pinv; LoRA by "
+        "- Routes: every site of one group (rank 8; attention: 12 fused qkv of 3 slices and 12 out_proj; MLP: 12 "
+        "Linear layers of 1 slice) on N random input rows each, forward and backward to U and the inputs with a "
+        "fixed upstream gradient; the frozen base layers alone, and each route's time over them; median of the "
+        "timed rounds after 1 warm-up, all runs of one N in rotated rounds. The count: `tcur.routes.route_costs`.",
+        "- Training step: forward + DiceCE + backward + AdamW on a random image and a ball label. "
+        "tCURLoRA on all three groups (attention 4L, mlp_up L, mlp_down L slices), init pinv, routes chosen by the "
+        "count (and, as the code before routes, the dense FFT route for every group); LoRA by "
         "`peft.inject_adapter_in_model` on every qkv, out_proj, linear1, linear2 of the ViT (lora_alpha = r). "
         "Every row also trains decoder5..decoder2 (not the output head); ViT and encoder stay frozen. "
         "Time: all methods of a setting are built in one child and stepped in rounds (order rotated each round); "
-        "median wall clock over the timed rounds; the fastest round is the least disturbed by other load. "
+        "median wall clock over the timed rounds; the fastest round is the least disturbed by other load; the "
+        "median of rounds is the median over rounds of the two methods' ratio within a round (neighbours in time, so "
+        "load that comes and goes over minutes cancels). "
         "CPU time: the child's user + system time over all its threads, which other load inflates far less "
         "(with more than one torch thread, spin-waiting threads still inflate it).",
         "- LoRA ranks: the rank whose adapter count is closest to tCURLoRA's U (r = 1, the smallest possible, still "
@@ -509,7 +585,7 @@ def header(quick: bool, threads: int | None, peak_reset: bool, load_before: tupl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="compact UNETR at 64^3, no LoRA r=32, small ΔW sizes (about 1.5 min)")
+    parser.add_argument("--quick", action="store_true", help="compact UNETR at 64^3 only, no LoRA r=32 (about 3 min)")
     parser.add_argument("--out", type=Path, help="also write the Markdown report to this file")
     parser.add_argument("--warmup", type=int, default=1, help="untimed training rounds per setting (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed training rounds (default 3, 2 with --quick)")
@@ -523,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(spec["threads"])
-        measure = {"delta": measure_deltas, "time": measure_time, "memory": measure_memory}[spec["kind"]]
+        measure = {"routes": measure_routes, "time": measure_time, "memory": measure_memory}[spec["kind"]]
         print(json.dumps(measure(spec)))
         return 0
 
@@ -546,9 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = setting_rows(results)
     peak_reset = all(r.get("peak_reset", True) for s, r in results if s["kind"] == "memory")
     report = header(args.quick, args.threads, peak_reset, load_before, os.getloadavg(), elapsed)
-    report += ["", "### ΔW of one group, forward + backward to U", ""]
-    report += delta_table([(spec, result) for spec, result in results if spec["kind"] == "delta"])
-    report += ["", "### Headline: one training step of tCURLoRA over LoRA (ratios < 1 favour tCURLoRA)", ""]
+    report += ["", "### Routes of one group: time over the frozen base layers (ms), forward + backward", ""]
+    report += route_table([(spec, result) for spec, result in results if spec["kind"] == "routes"])
+    report += ["", "### Headline: one training step of tCURLoRA (routes by count) over the others (ratios < 1 favour tCURLoRA)", ""]
     report += headline_table(settings)
     report += ["", "### One training step, all rows"] + step_table(settings)
     text = "\n".join(report) + "\n"

@@ -13,8 +13,8 @@ label prior) and the UNETR decoder blocks decoder5..decoder2, plus:
 - ``none``: no step at all (the new head at the label prior): what the base gives for a task it was not trained on.
 
 Same for every method: the training cases of each (N, seed) (distinct individuals first; the N = 1 cases are among
-the N = 3 ones, those among the N = 5 ones), the crops and their augmentation (``train.CropSampler`` seeded with the
-seed), the loss, the number of steps, the batch size, the schedule (``train.fit``) and the learning rates: the
+the N = 3 ones, those among the N = 5 ones), the crops and their augmentation (``crops.CropSampler`` seeded with the
+seed), the loss, the number of steps, the batch size, the schedule (``loop.fit``) and the learning rates: the
 encoder side (U, LoRA A/B, the base's own encoder weights in full fine-tuning) at ``--lr-u``, decoder and head at
 ``--lr`` (the defaults of ``train``). No validation: the last state is the one evaluated.
 
@@ -274,7 +274,9 @@ def run_one(spec: dict, method: Method, n: int, seed: int, labels: list, train_c
     import torch  # noqa: PLC0415
 
     from TCURLoRALib.metrics import label_metrics  # noqa: PLC0415
-    from TCURLoRALib.train import adapter_optimizer, fit, predict_labels, reproducible  # noqa: PLC0415
+    from TCURLoRALib.loop import adapter_optimizer, fit, reproducible  # noqa: PLC0415
+    from TCURLoRALib.settings import TrainSettings  # noqa: PLC0415
+    from TCURLoRALib.validation import predict_labels  # noqa: PLC0415
 
     started = time.perf_counter()
     names = select_cases(sorted(train_cases), n, seed)
@@ -306,8 +308,9 @@ def run_one(spec: dict, method: Method, n: int, seed: int, labels: list, train_c
         train_started = time.perf_counter()
         if steps:
             optimizer = adapter_optimizer(encoder_side, decoder_and_head, spec["lr"], spec["lr_u"])
-            fit(model, optimizer, train_data, [], labels, patch, steps, spec["batch_size"], 1, seed, device,
-                progress, "benchmark", validate_initial=False)
+            settings = TrainSettings(steps=steps, batch_size=spec["batch_size"], seed=seed, validation="none")
+            fit(model, optimizer, train_data, [], labels=labels, patch_size=patch, settings=settings,
+                progress=progress, task="benchmark")
         if on_gpu:
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - train_started
@@ -317,7 +320,7 @@ def run_one(spec: dict, method: Method, n: int, seed: int, labels: list, train_c
         evaluation_started = time.perf_counter()
         per_case = []
         for name, case in sorted(test_cases.items()):
-            prediction = predict_labels(model, case.image, patch, device)
+            prediction = predict_labels(model, case.image, patch)
             metrics = label_metrics(prediction, case.target, (spec["spacing"],) * 3,
                                     [dataclasses.replace(label, value=index) for index, label in enumerate(labels)])
             per_case.append({"case": name, "labels": [item.to_json() for item in metrics]})
@@ -360,7 +363,9 @@ def time_steps(spec: dict) -> None:
     """Child process: every method built side by side on one batch of real crops, steps timed in rotated rounds."""
     import torch  # noqa: PLC0415
 
-    from TCURLoRALib.train import CropSampler, adapter_optimizer, masked_dice_ce  # noqa: PLC0415
+    from TCURLoRALib.crops import CropSampler  # noqa: PLC0415
+    from TCURLoRALib.loop import adapter_optimizer  # noqa: PLC0415
+    from TCURLoRALib.loss import masked_dice_ce  # noqa: PLC0415
 
     labels, train_cases, _ = load_prepared(Path(spec["prepared"]))
     patch = json.loads(spec["patch"])
@@ -595,7 +600,9 @@ def plot(rows: list[dict], n_cases: Sequence[int], out: Path) -> None:
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    from TCURLoRALib.train import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_LR_U  # noqa: PLC0415
+    from TCURLoRALib.settings import TrainSettings  # noqa: PLC0415
+
+    defaults = TrainSettings()
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="output folder (created; reruns resume in it)")
@@ -609,9 +616,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-cases", type=int, help="held-out cases evaluated (default 2: one of each "
                                                        "held-out individual)")
     parser.add_argument("--methods", nargs="+", help="method keys to run (default: the grid; see the docstring)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="decoder and head learning rate")
-    parser.add_argument("--lr-u", type=float, default=DEFAULT_LR_U, help="encoder-side learning rate")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="decoder and head learning rate")
+    parser.add_argument("--lr-u", type=float, default=defaults.lr_u, help="encoder-side learning rate")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--jobs", type=int, help="training processes at once (default 2 on the CPU, 1 on a GPU)")
     parser.add_argument("--threads", type=int, help="torch threads of each training process (default 1)")

@@ -44,7 +44,7 @@ from TCURLoRALib import volumes  # noqa: E402
 from TCURLoRALib.adapter import AdaptedUNETR, save_adapter  # noqa: E402
 from TCURLoRALib.basemodel import load_base, save_base  # noqa: E402
 from TCURLoRALib.cards import AdapterCard, Label  # noqa: E402
-from TCURLoRALib.segment import count_windows, segment_volume  # noqa: E402
+from TCURLoRALib.segmentation import count_windows, segment_volume  # noqa: E402
 from TCURLoRALib.tcur import TCURLoRAConfig, TCURLoRAModel  # noqa: E402
 
 COMPACT = {"in_channels": 1, "out_channels": 3, "feature_size": 16, "hidden_size": 192, "mlp_dim": 768,

@@ -31,11 +31,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "TCURLoRASegment"))
 
-from TCURLoRALib import files, metrics  # noqa: E402
+from TCURLoRALib import metrics, tensorfiles  # noqa: E402
 from TCURLoRALib.basemodel import load_base, save_base  # noqa: E402
 from TCURLoRALib.cards import Label  # noqa: E402
 from TCURLoRALib.progress import TerminalProgress  # noqa: E402
-from TCURLoRALib.segment import segment  # noqa: E402
+from TCURLoRALib.segmentation import segment  # noqa: E402
 from TCURLoRALib.train import pretrain, train_adapter  # noqa: E402
 
 from . import build  # noqa: E402
@@ -93,7 +93,7 @@ def evaluate_on(model_path: Path, adapter: Path | None, cases: list[dict[str, st
     predictions = []
     for index, case in enumerate(cases):
         prediction = out / f"case{index}.nii.gz"
-        segment(case["image"], model_path, prediction, adapter_path=adapter, device="cpu")
+        segment(case["image"], model_path, prediction, adapter_path=adapter, device="cpu", overwrite=True)
         predictions.append(prediction)
     results = metrics.evaluate(predictions, [case["label"] for case in cases], labels)
     print(metrics.format_table(results))
@@ -105,9 +105,9 @@ def evaluate_on(model_path: Path, adapter: Path | None, cases: list[dict[str, st
 
 
 def _rewrite_card(path: Path, kind: str, update: dict[str, Any]) -> None:
-    tensors, card = files.load(path, kind)
+    tensors, card = tensorfiles.load(path, kind)
     card["metrics"] = {**card.get("metrics", {}), **update}
-    files.save_atomic(path, tensors, card, kind=kind)
+    tensorfiles.save_atomic(path, tensors, card, kind=kind)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.pretrained is None:
             pretrain(_cases(cohorts["tissue"], "train"), BASE_CARD, full, steps=args.base_steps,
                      validation=_cases(cohorts["tissue"], "val"), validate_every=max(args.base_steps // 4, 1),
-                     seed=0, device="cpu", threads=1, progress=TerminalProgress())
+                     seed=0, device="cpu", threads=1, overwrite=True, progress=TerminalProgress())
         base = load_base(full)
         card = base.card.to_json()
         if args.pretrained is None:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         untrained = work / f"{name}-untrained.safetensors"
         for path, steps in ((untrained, 0), (out, args.adapter_steps)):
             train_adapter(base_path, train_cases, adapter_labels, path, name=name, steps=steps,
-                          validation=_cases(cohort, "val"), seed=0, device="cpu", threads=1,
+                          validation=_cases(cohort, "val"), seed=0, device="cpu", threads=1, overwrite=True,
                           progress=TerminalProgress())
         test_cases = _cases(cohort, "test")
         adapter_test = evaluate_on(base_path, out, test_cases, work / "eval" / name, adapter_labels)

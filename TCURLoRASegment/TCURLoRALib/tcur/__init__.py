@@ -15,6 +15,7 @@ _LAZY = {
     "LinearSite": "groups", "group_sites": "groups", "stack_group": "groups", "vit_blocks": "groups",
     "TCURGroup": "layer", "TCURLinear": "layer",
     "DECODER_BLOCKS": "model", "HEAD": "model", "ParameterCounts": "model", "TCURLoRAModel": "model",
+    "ROUTES": "routes", "choose_route": "routes", "route_costs": "routes",
     "from_fourier": "tproduct", "t_identity": "tproduct", "t_pinv": "tproduct", "t_product": "tproduct",
     "t_transpose": "tproduct", "to_fourier": "tproduct",
 }

@@ -1,13 +1,14 @@
 """The tCURLoRA layers: a group's trainable core U, and the Linear wrapper that applies the group's update."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cur import tensor_cur
+from .factored import factored_update, mixing_matrices, real_fourier_factors
+from .routes import delta_by_bcirc, delta_by_fft
 from .tproduct import t_pinv, to_fourier
 
 __all__ = ["TCURGroup", "TCURLinear"]
@@ -42,9 +43,23 @@ class TCURGroup(nn.Module):
         self.register_buffer("cols", cols.detach().clone().to(torch.int64))
         self.register_buffer("u_init", u_init.detach().clone())
         self.u = nn.Parameter(u_init.detach().clone())
-        # C and R are frozen: their Fourier slices are computed once, contiguous for batched complex matmul.
-        self.register_buffer("c_fourier", to_fourier(self.c).contiguous(), persistent=False)
-        self.register_buffer("r_fourier", to_fourier(self.r).contiguous(), persistent=False)
+        # C and R are frozen: their Fourier slices and the matrix layouts of the other routes are computed once.
+        for name, value in self._derived().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def _derived(self) -> dict[str, torch.Tensor]:
+        """C and R as each route reads them (see :mod:`.routes`): Fourier slices (fft), ``(n3 r) x n1`` / ``n2 x (n3 r)``
+        (bcirc), and the real Fourier matrices of :func:`.factored.real_fourier_factors` (factored)."""
+        rank, n3 = self.rows.numel(), self.c.shape[-1]
+        r_hat, c_hat = real_fourier_factors(self.c, self.r)
+        return {
+            "c_fourier": to_fourier(self.c).contiguous(),
+            "r_fourier": to_fourier(self.r).contiguous(),
+            "c_cat": self.c.permute(2, 1, 0).reshape(n3 * rank, -1).contiguous(),
+            "r_cat": self.r.permute(1, 2, 0).reshape(-1, n3 * rank).contiguous(),
+            "r_hat": r_hat,
+            "c_hat": c_hat,
+        }
 
     @classmethod
     def from_weight(
@@ -87,8 +102,8 @@ class TCURGroup(nn.Module):
         # Module.to(dtype) / .double() cast the complex spectra to a real dtype, dropping their imaginary parts:
         # compute them again from C and R, which were cast like any real buffer.
         super()._apply(fn, recurse)
-        self.c_fourier = to_fourier(self.c).contiguous()
-        self.r_fourier = to_fourier(self.r).contiguous()
+        for name, value in self._derived().items():
+            setattr(self, name, value)
         return self
 
     def delta_weight(self, u: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,11 +112,37 @@ class TCURGroup(nn.Module):
         Args:
             u: the core to use instead of the current ``U`` (for an exact unmerge).
         """
-        core = (self.u if u is None else u) - self.u_init
-        n3 = self.c.shape[-1]
-        spectrum = (self.c_fourier @ to_fourier(core)) @ self.r_fourier  # (n3 // 2 + 1) x n1 x n2
-        # irfft along the last, contiguous axis runs about twice as fast here as along the leading one.
-        return torch.fft.irfft(spectrum.permute(1, 2, 0), n=n3, dim=-1)
+        return delta_by_fft(self.c_fourier, self.r_fourier, (self.u if u is None else u) - self.u_init)
+
+    def delta_slices(self, route: str) -> torch.Tensor:
+        """``ΔW`` slices first, ``n3 x n1 x n2``, built by the dense ``route`` (``"fft"`` or ``"bcirc"``)."""
+        if route == "fft":
+            return self.delta_weight().permute(2, 0, 1)
+        if route == "bcirc":
+            return delta_by_bcirc(self.c_cat, self.r_cat, self.u - self.u_init)
+        raise ValueError(f"route {route!r} builds no dense update; expected 'fft' or 'bcirc'.")
+
+    def mixing(self) -> torch.Tensor:
+        """What the factored route mixes with: :func:`.factored.mixing_matrices` of ``U - U0``."""
+        return mixing_matrices(self.u - self.u_init)
+
+    def update(
+        self, x: torch.Tensor, start: int, stop: int, mixing: torch.Tensor | None = None,
+        base: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x ΔW_site^T`` (plus ``base``) for frontal slices ``start .. stop-1`` by the factored route, never building
+        ``ΔW``.
+
+        Args:
+            x: ``... x n2``.
+            mixing: :meth:`mixing`, when the caller computed it once for all its sites.
+            base: added to the result, shape ``... x ((stop - start) n1)`` (the base Linear's output).
+
+        Returns:
+            ``... x ((stop - start) n1)``.
+        """
+        mixing = self.mixing() if mixing is None else mixing
+        return factored_update(x, self.r_hat, self.c_hat, mixing, start, stop, base)
 
     def extra_repr(self) -> str:
         n1, n2, n3 = self.shape
@@ -113,14 +154,14 @@ class TCURLinear(nn.Module):
 
     Args:
         base_layer: the frozen Linear, kept as it is (its weight is not copied).
-        delta: returns this layer's share of the group's ``ΔW`` (``out_features x in_features``), or ``None`` when
-            the update is merged into the base weight.
+        forward: ``forward(base_layer, x)``, the adapted output; the model routes it (see :mod:`.routes`), and runs
+            ``base_layer`` alone when the update is merged into the base weight.
     """
 
-    def __init__(self, base_layer: nn.Linear, delta: Callable[[], Optional[torch.Tensor]]):
+    def __init__(self, base_layer: nn.Linear, forward: Callable[[nn.Linear, torch.Tensor], torch.Tensor]):
         super().__init__()
         self.base_layer = base_layer
-        self._delta = delta
+        self._forward = forward
 
     @property
     def weight(self) -> torch.Tensor:
@@ -132,7 +173,4 @@ class TCURLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``B x N x in_features`` -> ``B x N x out_features``."""
-        delta = self._delta()
-        if delta is None:
-            return self.base_layer(x)
-        return F.linear(x, self.base_layer.weight + delta, self.base_layer.bias)
+        return self._forward(self.base_layer, x)

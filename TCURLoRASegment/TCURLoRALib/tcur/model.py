@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import TCURLoRAConfig
 from .groups import LinearSite, group_sites, stack_group, vit_blocks
 from .layer import TCURGroup, TCURLinear
+from .routes import AUTO, ROUTES, choose_route
 
 __all__ = ["DECODER_BLOCKS", "HEAD", "ParameterCounts", "TCURLoRAModel"]
 
@@ -41,8 +43,10 @@ class TCURLoRAModel(nn.Module):
     """A UNETR whose ViT weight groups are adapted by tCURLoRA.
 
     The base model is modified in place: each adapted ``nn.Linear`` is wrapped by a :class:`TCURLinear` that keeps
-    the original layer as ``base_layer``. ``ΔW`` of a whole group is computed once per forward pass of the ViT (by
-    FFT, see :meth:`TCURGroup.delta_weight`) and each Linear adds its rows of it.
+    the original layer as ``base_layer``. Each group reaches its Linear layers by one of the routes of
+    :mod:`.routes`, chosen per forward pass of the ViT from the token count (:meth:`set_route` fixes one): a dense
+    ``ΔW`` of the whole group, built once per forward pass, of which each Linear adds its rows to its weight; or the
+    factored form, which never builds ``ΔW`` and leaves the base Linear frozen. All routes compute the same function.
 
     Args:
         base: a MONAI ``UNETR``; its ViT weights are read, never copied per layer.
@@ -68,7 +72,9 @@ class TCURLoRAModel(nn.Module):
         self.config = config
         self.groups = nn.ModuleDict()
         self.sites: dict[str, list[LinearSite]] = {}
-        self._deltas: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._deltas: dict[str, torch.Tensor] = {}
+        self._routes = {name: AUTO for name in config.groups}
+        self._chosen: dict[str, str] = {}
         self._merged_cores: dict[str, torch.Tensor] = {}
         for name in config.groups:
             sites = group_sites(base, name)
@@ -82,13 +88,18 @@ class TCURLoRAModel(nn.Module):
             for site in sites:
                 parent_path, _, attribute = site.path.rpartition(".")
                 parent = base.get_submodule(parent_path)
-                delta = functools.partial(self._site_delta, name, site)
-                setattr(parent, attribute, TCURLinear(getattr(parent, attribute), delta))
-        # One ΔW per group and forward pass; dropped afterwards so that no stale update outlives a training step.
+                forward = functools.partial(self._site_forward, name, site)
+                setattr(parent, attribute, TCURLinear(getattr(parent, attribute), forward))
+        # One route and one ΔW per group and forward pass; dropped afterwards so that no stale update outlives a
+        # training step.
         self._hooks = [
-            base.vit.register_forward_pre_hook(lambda *_: self._deltas.clear()),
-            base.vit.register_forward_hook(lambda *_: self._deltas.clear()),
+            base.vit.register_forward_pre_hook(lambda *_: self._forget_pass()),
+            base.vit.register_forward_hook(lambda *_: self._forget_pass()),
         ]
+
+    def _forget_pass(self) -> None:
+        self._deltas.clear()
+        self._chosen.clear()
 
     def group_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """What an adapter file needs to rebuild the groups on the same base: ``I``, ``J``, ``U0`` and ``U``."""
@@ -115,15 +126,50 @@ class TCURLoRAModel(nn.Module):
     def merged(self) -> bool:
         return bool(self._merged_cores)
 
-    def _site_delta(self, group: str, site: LinearSite) -> Optional[torch.Tensor]:
+    def set_route(self, route: str, groups: Iterable[str] | None = None) -> None:
+        """How the update of ``groups`` (default: all) reaches their Linear layers: ``"auto"`` (the default: the
+        cheapest by :func:`.routes.choose_route` for each forward pass's token count), ``"fft"``, ``"bcirc"`` or
+        ``"factored"``. The output is the same on every route, to rounding.
+
+        Raises:
+            ValueError: for an unknown route or a group this model does not adapt.
+        """
+        if route not in ROUTES + (AUTO,):
+            raise ValueError(f"unknown route {route!r}; expected one of {ROUTES + (AUTO,)}.")
+        names = list(self.groups) if groups is None else list(groups)
+        unknown = [name for name in names if name not in self.groups]
+        if unknown:
+            raise ValueError(f"this model adapts no group(s) {unknown}; it adapts {list(self.groups)}.")
+        for name in names:
+            self._routes[name] = route
+
+    def route(self, group: str, tokens: int) -> str:
+        """The route ``group`` takes for inputs of ``tokens`` rows in the current grad mode."""
+        route = self._routes[group]
+        if route != AUTO:
+            return route
+        module = self.groups[group]
+        backward = torch.is_grad_enabled() and module.u.requires_grad
+        counts = [site.stop - site.start for site in self.sites[group]]
+        return choose_route(module.shape, module.rows.numel(), counts, tokens, backward=backward)
+
+    def _site_forward(self, group: str, site: LinearSite, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return None
-        slices = self._deltas.get(group)
-        if slices is None:
-            # unbind, not indexing: its backward stacks the slice gradients once, where each indexed slice would
-            # scatter into a zero tensor of the whole group.
-            slices = self._deltas[group] = self.groups[group].delta_weight().unbind(-1)
-        return site.take(slices)
+            return layer(x)
+        route = self._chosen.get(group)
+        if route is None:
+            route = self._chosen[group] = self.route(group, x[..., 0].numel())
+        # Per group and pass: ΔW slices first (dense routes) or the mixing matrices of U - U0 (factored).
+        cached = self._deltas.get(group)
+        module = self.groups[group]
+        if route == "factored":
+            if cached is None:
+                cached = self._deltas[group] = module.mixing()
+            return module.update(x, site.start, site.stop, cached, base=layer(x))
+        if cached is None:
+            cached = self._deltas[group] = module.delta_slices(route)
+        delta = cached[site.start : site.stop].reshape(-1, cached.shape[-1])
+        return F.linear(x, layer.weight + delta, layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``B x in_channels x D x H x W`` -> logits ``B x out_channels x D x H x W``."""

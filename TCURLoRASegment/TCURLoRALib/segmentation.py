@@ -35,14 +35,16 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from . import volumes
+from . import files, volumes
 from .adapter import AdaptedUNETR
 from .basemodel import BaseModel, load_base
 from .cards import Label, ModelCard
+from .outputs import OutputFiles, atomic_write
+from .devices import resolve_device
 from .progress import EtaClock, Progress, silent
 
-__all__ = ["PROBABILITY_EXTENSIONS", "SegmentationResult", "VolumePrediction", "count_windows", "resolve_device",
-           "segment", "segment_volume", "sliding_window_logits"]
+__all__ = ["PROBABILITY_EXTENSIONS", "SegmentationResult", "VolumePrediction", "count_windows", "segment",
+           "segment_volume", "sliding_window_logits"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 ModelLike = Union[BaseModel, AdaptedUNETR, str, "os.PathLike[str]"]
@@ -107,11 +109,13 @@ class SegmentationResult:
 def segment(image_path: PathLike, base: ModelLike, output_path: PathLike, *,
             adapter_path: Union[PathLike, None] = None, seg_nrrd_path: Union[PathLike, None] = None,
             probabilities_path: Union[PathLike, None] = None, overlap: float = 0.25, sw_batch_size: int = 1,
-            device: Union[str, torch.device] = "auto", progress: Progress = silent) -> SegmentationResult:
+            device: Union[str, torch.device] = "auto", overwrite: bool = False,
+            progress: Progress = silent) -> SegmentationResult:
     """Segment an image file and write the label map (and optionally a .seg.nrrd and probabilities) on its grid.
 
-    Every output path is checked before the network runs, and every file is written atomically, so a failed or
-    cancelled run leaves no half-written file.
+    Every output is checked before the network runs (folder writable, room on the disk, an existing file only with
+    ``overwrite``, never an input or a shipped file), and the outputs are published together or not at all (see
+    :class:`TCURLoRALib.outputs.OutputFiles`): a failed or cancelled run leaves no file, nor some of them.
 
     Args:
         image_path: 3-D scalar image (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd).
@@ -128,6 +132,7 @@ def segment(image_path: PathLike, base: ModelLike, output_path: PathLike, *,
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, or ``"auto"``: for a base file CUDA if available, else CPU
             (:func:`resolve_device`); a loaded model stays where it is. A ``BaseModel`` elsewhere is moved to the
             device in place; an ``AdaptedUNETR`` elsewhere is refused (load its base on that device).
+        overwrite: replace output files that exist (default: refuse them before any work).
         progress: receives ``start`` (task, total windows), one ``step`` per window, and ``done`` (output,
             seconds).
 
@@ -135,26 +140,34 @@ def segment(image_path: PathLike, base: ModelLike, output_path: PathLike, *,
         SegmentationResult with the written paths, labels, per-label volumes in mL and the time taken.
 
     Raises:
-        FileNotFoundError: no image, adapter or base file, or no folder for an output.
+        FileNotFoundError: no image, adapter or base file.
+        FileExistsError: an output exists and ``overwrite`` is False.
         ValueError: bad arguments (overlap, batch size, device, output extensions, an output path given twice or
-            equal to the image), or an image that is not a 3-D scalar volume (see ``volumes.read_image``).
+            equal to an input), an image that is not a 3-D scalar volume (see ``volumes.read_image``) or too small
+            or too large for the model, or a network output that is not finite (damaged or diverged weights).
+        OutputError: an output folder that does not take the files or lacks the room (before the work), or
+            publishing failed (after it; the results were kept where the message says).
         CardError, TCURLoRAFileError: the base or adapter file is invalid or they do not belong together.
     """
     started = time.monotonic()
     _check_arguments(overlap, sw_batch_size, device)
-    outputs = _check_outputs(image_path, output_path, seg_nrrd_path, probabilities_path)
+    output, seg_nrrd, probabilities = _check_outputs(output_path, seg_nrrd_path, probabilities_path)
     image = volumes.read_image(image_path)
-    with _active_model(base, adapter_path, device) as (network, card, labels):
-        prediction = _predict(image, network, card, labels, with_probabilities=probabilities_path is not None,
+    outputs = _planned_outputs(image, base, adapter_path, output, seg_nrrd, probabilities, overwrite,
+                               inputs=[image_path, adapter_path, _file_of(base)])
+    with _active_model(base, adapter_path, device) as (network, card, labels, model_name):
+        prediction = _predict(image, network, card, labels, model_name, with_probabilities=probabilities is not None,
                               overlap=overlap, sw_batch_size=sw_batch_size, progress=progress)
         device_name = str(_device_of(network))
-    output, seg_nrrd, probabilities = outputs
-    volumes.write_label_map(output, prediction.labels, prediction.geometry)
+    writers = {output: lambda temporary: volumes.write_label_map(temporary, prediction.labels, prediction.geometry)}
     if seg_nrrd is not None:
         segments = [volumes.Segment(label.value, label.name, label.color) for label in labels if label.value != 0]
-        volumes.write_segmentation(seg_nrrd, prediction.labels, prediction.geometry, segments)
+        writers[seg_nrrd] = lambda temporary: volumes.write_segmentation(temporary, prediction.labels,
+                                                                         prediction.geometry, segments)
     if probabilities is not None:
-        write_probabilities(probabilities, prediction.probabilities, prediction.geometry, labels)
+        writers[probabilities] = lambda temporary: write_probabilities(temporary, prediction.probabilities,
+                                                                       prediction.geometry, labels)
+    outputs.publish(writers)
     seconds = time.monotonic() - started
     progress("done", output=str(output), seconds=round(seconds, 3))
     return SegmentationResult(output_path=output, seg_nrrd_path=seg_nrrd, probabilities_path=probabilities,
@@ -184,39 +197,11 @@ def segment_volume(array: np.ndarray, geometry: volumes.Geometry, base: ModelLik
     started = time.monotonic()
     _check_arguments(overlap, sw_batch_size, device)
     image = _image_from_array(array, geometry)
-    with _active_model(base, adapter_path, device) as (network, card, labels):
-        prediction = _predict(image, network, card, labels, with_probabilities=with_probabilities,
+    with _active_model(base, adapter_path, device) as (network, card, labels, model_name):
+        prediction = _predict(image, network, card, labels, model_name, with_probabilities=with_probabilities,
                               overlap=overlap, sw_batch_size=sw_batch_size, progress=progress)
     progress("done", seconds=round(time.monotonic() - started, 3))
     return prediction
-
-
-def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
-    """The torch device for a device argument.
-
-    Args:
-        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, or a torch.device.
-
-    Raises:
-        ValueError: an unknown name, or CUDA asked for where there is none (or not that many GPUs).
-    """
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if resolved.type == "cpu":
-        return resolved
-    if resolved.type != "cuda":
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but CUDA is not available here (torch "
-                         f"{torch.__version__}, built with CUDA {torch.version.cuda}); use device 'cpu' or 'auto'")
-    if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} was asked for, but only {torch.cuda.device_count()} CUDA device(s) "
-                         f"exist")
-    return resolved
 
 
 def count_windows(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
@@ -264,7 +249,7 @@ def sliding_window_logits(network: Callable[[torch.Tensor], torch.Tensor], volum
         # One event a window (a batch holds up to sw_batch_size of them), so totals do not depend on batching.
         for _ in range(windows.shape[0]):
             done += 1
-            progress("step", step=done, total=total, eta_s=clock.eta(done))
+            progress("step", step=done, total=total, **clock.tick(done))
         return logits
 
     with torch.inference_mode():
@@ -290,7 +275,7 @@ def write_probabilities(path: PathLike, probabilities: np.ndarray, geometry: vol
         ValueError: unsupported extension, or an array of another shape.
     """
     path = Path(path)
-    extension = _probability_extension(path)
+    _probability_extension(path)
     probabilities = np.asarray(probabilities)
     expected = (len(labels),) + geometry.shape
     if probabilities.shape != expected:
@@ -298,14 +283,14 @@ def write_probabilities(path: PathLike, probabilities: np.ndarray, geometry: vol
     image = geometry.image_from_array(np.moveaxis(probabilities.astype(np.float32, copy=False), 0, -1),
                                       is_vector=True)
     image.SetMetaData(LABELS_METADATA_KEY, json.dumps([label.to_json() for label in labels]))
-    volumes._atomic_write(path, extension, lambda temporary: sitk.WriteImage(image, temporary, True))
+    atomic_write(path, lambda temporary: sitk.WriteImage(image, temporary, True), what="probability map")
     return path
 
 
 # ---------------------------------------------------------------------------------------------------- the work
 
 
-def _predict(image: sitk.Image, network: nn.Module, card: ModelCard, labels: Sequence[Label], *,
+def _predict(image: sitk.Image, network: nn.Module, card: ModelCard, labels: Sequence[Label], model_name: str, *,
              with_probabilities: bool, overlap: float, sw_batch_size: int, progress: Progress) -> VolumePrediction:
     """The one segmentation path: prepare, sliding window, label values and probabilities on the input grid."""
     prepared = volumes.prepare_for_model(image, card.spacing, card.orientation, card.intensity)
@@ -313,6 +298,7 @@ def _predict(image: sitk.Image, network: nn.Module, card: ModelCard, labels: Seq
     logits = sliding_window_logits(network, volume, card.patch_size, overlap, sw_batch_size, progress)
     if logits.shape[0] != len(labels):
         raise RuntimeError(f"the network gives {logits.shape[0]} output channels but has {len(labels)} labels")
+    _require_finite_output(logits, model_name)
     values = np.array([label.value for label in labels], dtype=np.uint16)
     winners = logits.argmax(dim=0).cpu().numpy()
     labels_on_input = prepared.mapping.labels_to_input(values[winners])
@@ -325,11 +311,20 @@ def _predict(image: sitk.Image, network: nn.Module, card: ModelCard, labels: Seq
                             geometry=prepared.mapping.input_grid, windows=windows)
 
 
+def _require_finite_output(logits: torch.Tensor, model_name: str) -> None:
+    """A NaN logit loses every argmax to nothing in particular (all background, typically): refuse, never write."""
+    bad = int((~torch.isfinite(logits)).sum())
+    if bad:
+        raise ValueError(f"the output of {model_name} holds {bad} non-finite values (NaN or infinity) of "
+                         f"{logits.numel()}: the model cannot segment this image (its weights are damaged or its "
+                         f"training diverged, or the image's intensities overflow it); nothing was written")
+
+
 @contextmanager
 def _active_model(base: ModelLike, adapter_path: Union[PathLike, None],
                   device: Union[str, torch.device]) -> Iterator[tuple]:
-    """``(network, card, labels)`` ready for inference on the asked device; on exit, undoes what it changed on a
-    caller's model (an adapter merged for this call only, train mode)."""
+    """``(network, card, labels, model name)`` ready for inference on the asked device; on exit, undoes what it
+    changed on a caller's model (an adapter merged for this call only, train mode)."""
     if isinstance(base, (str, os.PathLike)):
         base = load_base(base, resolve_device(device))
     elif isinstance(base, BaseModel):
@@ -350,10 +345,13 @@ def _active_model(base: ModelLike, adapter_path: Union[PathLike, None],
         session.set_adapter(adapter_path)
     network = session.model if session is not None else base.model
     labels = list(session.labels if session is not None else card.labels)
+    model_name = f"base model {card.name!r}"
+    if session is not None and session.adapter_card is not None:
+        model_name += f" with adapter {session.adapter_card.name!r}"
     was_training = network.training
     network.eval()
     try:
-        yield network, card, labels
+        yield network, card, labels, model_name
     finally:
         network.train(was_training)
         if temporary:
@@ -395,15 +393,14 @@ def _check_arguments(overlap: float, sw_batch_size: int, device: Union[str, torc
     resolve_device(device)
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1 \
             or not math.isfinite(overlap):
-        raise ValueError(f"overlap must be a number in [0, 1), got {overlap!r}")
+        raise ValueError(f"--overlap must be a number in [0, 1), got {overlap!r}")
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, (int, np.integer)) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be an integer >= 1, got {sw_batch_size!r}")
+        raise ValueError(f"--sw-batch-size must be an integer >= 1, got {sw_batch_size!r}")
 
 
-def _check_outputs(image_path: PathLike, output_path: PathLike, seg_nrrd_path: Union[PathLike, None],
+def _check_outputs(output_path: PathLike, seg_nrrd_path: Union[PathLike, None],
                    probabilities_path: Union[PathLike, None]) -> tuple:
-    """The output paths, checked before any work: extensions, existing folders, no path given twice or equal to the
-    input image."""
+    """The output paths with their extensions checked (the rest is :func:`_planned_outputs`)."""
     output = Path(output_path)
     name = output.name.lower()
     if name.endswith(volumes.SEGMENTATION_EXTENSION) or not name.endswith(volumes.LABEL_WRITE_EXTENSIONS):
@@ -416,19 +413,41 @@ def _check_outputs(image_path: PathLike, output_path: PathLike, seg_nrrd_path: U
     probabilities = None if probabilities_path is None else Path(probabilities_path)
     if probabilities is not None:
         _probability_extension(probabilities)
-    given = [("output", output), ("seg_nrrd_path", seg_nrrd), ("probabilities_path", probabilities)]
-    seen = {os.path.abspath(image_path): "the input image"}
-    for what, path in given:
-        if path is None:
-            continue
-        key = os.path.abspath(path)
-        if key in seen:
-            raise ValueError(f"{what} {str(path)!r} is the same file as {seen[key]}")
-        seen[key] = what
-        folder = path.parent if str(path.parent) else Path(".")
-        if not folder.is_dir():
-            raise FileNotFoundError(f"no such folder to write {what} {str(path)!r} into: {str(folder)!r}")
     return output, seg_nrrd, probabilities
+
+
+def _planned_outputs(image: sitk.Image, base: ModelLike, adapter_path: Union[PathLike, None], output: Path,
+                     seg_nrrd: Union[Path, None], probabilities: Union[Path, None], overwrite: bool,
+                     inputs: Sequence[Union[PathLike, None]]) -> OutputFiles:
+    """Every output checked before the work: not an input, not twice, writable, room for its uncompressed size."""
+    voxels = int(np.prod(image.GetSize()))
+    outputs = OutputFiles(overwrite=overwrite, inputs=inputs)
+    outputs.add(output, "label map", expected_bytes=2 * voxels)
+    if seg_nrrd is not None:
+        outputs.add(seg_nrrd, "Slicer segmentation", expected_bytes=2 * voxels)
+    if probabilities is not None:
+        outputs.add(probabilities, "probability map", expected_bytes=4 * voxels * _label_count(base, adapter_path))
+    return outputs
+
+
+def _file_of(base: ModelLike) -> Union[Path, None]:
+    """The base-model file behind ``base``, if known."""
+    if isinstance(base, AdaptedUNETR):
+        return base.base.path
+    if isinstance(base, BaseModel):
+        return base.path
+    return Path(base)
+
+
+def _label_count(base: ModelLike, adapter_path: Union[PathLike, None]) -> int:
+    """Output channels of the model that will run, from the cards (headers only: nothing is loaded)."""
+    if adapter_path is not None:
+        return len(files.read_card(adapter_path, "adapter")["labels"])
+    if isinstance(base, AdaptedUNETR):
+        return len(base.labels)
+    if isinstance(base, BaseModel):
+        return len(base.card.labels)
+    return len(files.read_card(base, "base")["labels"])
 
 
 def _probability_extension(path: Path) -> str:
