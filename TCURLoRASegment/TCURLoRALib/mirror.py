@@ -16,12 +16,14 @@ left/right word. Torch-free: numpy only.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Pair", "left_right_axis", "check_pairs", "swap_pairs", "mirror", "pairs_from_names"]
+__all__ = ["Pair", "check_pairs", "left_right_axis", "mirror", "mirrored_cases", "pairs_from_names",
+           "required_pairs", "swap_pairs"]
 
 Pair = Tuple[int, int]
 _SIDE_WORDS = {"left": "right", "right": "left", "l": "r", "r": "l", "lh": "rh", "rh": "lh"}
@@ -133,3 +135,31 @@ def pairs_from_names(names: Sequence[str]) -> list[Pair]:
                 pairs.append((index, matches[0]))
                 break
     return pairs
+
+
+def required_pairs(names: Sequence[str], declared: Sequence[Pair] | None, option: str) -> list[Pair]:
+    """The left/right pairs an option that mirrors needs: the declared ones (an adapter card's ``anatomy``), else
+    those found in the label names.
+
+    Args:
+        names: label names, channel order (background first).
+        declared: (left, right) channel pairs a card declares, or None to find them from ``names``.
+        option: the option that asked (``"--mirror"``), for the message.
+
+    Raises:
+        ValueError: no pair at all. A flip without a swap would teach (or, at test time, average) a left label on
+            the right side, so mirroring is refused rather than run without pairs.
+    """
+    pairs = list(declared) if declared is not None else pairs_from_names(names)
+    if not pairs:
+        raise ValueError(f"{option} needs left/right label pairs, and the labels {list(names[1:])} hold none: name "
+                         f"each pair 'left X' / 'right X' (or 'X_L' / 'X_R'), or leave {option} out")
+    return pairs
+
+
+def mirrored_cases(cases: Sequence, orientation: str, pairs: Sequence[Pair], n_channels: int) -> list:
+    """Each case (:class:`~TCURLoRALib.cases.PreparedCase`) mirrored by :func:`mirror`, named ``<name>-mirrored``."""
+    return [dataclasses.replace(case, name=f"{case.name}-mirrored",
+                                **dict(zip(("image", "target"), mirror(case.image, case.target, orientation, pairs,
+                                                                       n_channels))))
+            for case in cases]
