@@ -182,7 +182,7 @@ def test_mirror_trains_on_mirrored_cases_with_the_pair_swapped(data, tmp_path, m
         expected[left], expected[right] = 2, 1
         np.testing.assert_array_equal(flipped.target, expected)
         assert (original.target == 1).any() and (original.target == 2).any()
-    assert card.training["mirror"] is True
+    assert card.training["mirror"] is True and card.training["cases"] == 2  # the mirrored copies are no cases
     assert card.anatomy == {"left_right_pairs": [["left x", "right x"]]}
     assert any(kind == "log" and "left x <-> right x" in f["message"] for kind, f in events)
 

@@ -130,6 +130,7 @@ def train_adapter(
     progress("log", message=describe_labels(choice))
     progress("log", message=split.describe())
     train_data, validation_data = _prepare(split, base.card, mapping, progress)
+    training_cases = len(train_data)  # the cases given: mirrored copies are not cases of their own
     if settings.mirror:
         train_data = train_data + mirrored_cases(train_data, base.card.orientation, pairs, len(choice.labels))
         swapped = ", ".join(f"{choice.labels[a].name} <-> {choice.labels[b].name}" for a, b in pairs)
@@ -148,7 +149,7 @@ def train_adapter(
                      progress=progress, task="train adapter", validate_initial=True, parallel=parallel)
     model.eval()
     training = {
-        **_record(settings, result, torch_device, started, len(train_data), parallel), "lr_u": settings.lr_u,
+        **_record(settings, result, torch_device, started, training_cases, parallel), "lr_u": settings.lr_u,
         "patch_size": list(base.card.patch_size), "validate_every": settings.validate_every,
         "unmapped": settings.unmapped,
         "trainable": {"u": counts.u, "decoder": counts.decoder, "head": counts.head, "total": counts.total},
