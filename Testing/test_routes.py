@@ -150,3 +150,21 @@ def test_count_crosses_over_for_attention_and_not_for_unetr_b_mlp() -> None:
     assert choose_route(shape, 8, counts, 216) == "fft"
     with pytest.raises(ValueError, match=r"site slice counts \[3, 1\] must sum to n3=48"):
         route_costs(shape, 8, [3, 1], 216)
+
+
+def test_cached_index_and_phases_first_made_in_inference_mode_still_train() -> None:
+    """Validation and segmentation run under torch.inference_mode; the t-product's cached index and Fourier phases
+    they fill first must not be inference tensors, or the next training step fails (as a fresh torchrun process
+    did: validation of step 0, then step 1)."""
+    from TCURLoRALib.tcur.factored import _phases, mixing_matrices
+    from TCURLoRALib.tcur.routes import circulant_index, delta_by_bcirc
+
+    circulant_index.cache_clear()
+    _phases.cache_clear()
+    c, r = torch.randn(8, 5), torch.randn(6, 8)
+    core = torch.randn(2, 2, 4, requires_grad=True)
+    with torch.inference_mode():
+        delta_by_bcirc(c, r, core.detach())
+        mixing_matrices(core.detach())
+    (delta_by_bcirc(c, r, core).sum() + mixing_matrices(core).sum()).backward()
+    assert core.grad is not None and torch.isfinite(core.grad).all()

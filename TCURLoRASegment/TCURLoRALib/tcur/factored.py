@@ -77,12 +77,14 @@ def real_fourier_factors(c: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor
 
 @functools.lru_cache(maxsize=64)
 def _phases(n3: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """cos and sin of ``2π b k / n3`` (``B x n3``), and ``(-1)^k`` (``n3``). Cached (read only)."""
-    blocks = torch.arange(fourier_blocks(n3), dtype=torch.float64)
-    slices = torch.arange(n3, dtype=torch.float64)
-    angles = 2 * math.pi * blocks[:, None] * slices[None, :] / n3
-    signs = torch.where(slices % 2 == 0, 1.0, -1.0)
-    return tuple(t.to(device=device, dtype=dtype) for t in (angles.cos(), angles.sin(), signs))  # type: ignore[return-value]
+    """cos and sin of ``2π b k / n3`` (``B x n3``), and ``(-1)^k`` (``n3``). Cached (read only), and made outside
+    inference mode for the reason :func:`~.routes.circulant_index` gives."""
+    with torch.inference_mode(False):
+        blocks = torch.arange(fourier_blocks(n3), dtype=torch.float64)
+        slices = torch.arange(n3, dtype=torch.float64)
+        angles = 2 * math.pi * blocks[:, None] * slices[None, :] / n3
+        signs = torch.where(slices % 2 == 0, 1.0, -1.0)
+        return tuple(t.to(device=device, dtype=dtype) for t in (angles.cos(), angles.sin(), signs))  # type: ignore[return-value]
 
 
 def mixing_matrices(core: torch.Tensor) -> torch.Tensor:

@@ -79,9 +79,12 @@ def delta_by_fft(c_fourier: torch.Tensor, r_fourier: torch.Tensor, core: torch.T
 @functools.lru_cache(maxsize=512)
 def circulant_index(n3: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
     """``index[i, t] = (start + i - t) mod n3``, shape ``(stop - start) x n3``: the slices that meet slice ``t`` of
-    the left factor in output slice ``start + i`` of a t-product. Cached (read only): every forward pass asks again."""
-    outputs = torch.arange(start, stop, device=device)[:, None]
-    return (outputs - torch.arange(n3, device=device)[None, :]) % n3
+    the left factor in output slice ``start + i`` of a t-product. Cached (read only): every forward pass asks again.
+    Made outside inference mode even when first asked inside it (validation, segmentation): a cached inference tensor
+    would make every later training step fail ("Inference tensors cannot be saved for backward")."""
+    with torch.inference_mode(False):
+        outputs = torch.arange(start, stop, device=device)[:, None]
+        return (outputs - torch.arange(n3, device=device)[None, :]) % n3
 
 
 def delta_by_bcirc(c_cat: torch.Tensor, r_cat: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
