@@ -25,7 +25,8 @@ _EXPORTS = {
     "segment": "api", "train_adapter": "api", "pretrain": "api", "evaluate": "api", "run_demo": "api",
     "load_base": "api", "TrainingResult": "api", "AdaptedUNETR": "adapter",
     # settings, cases, models by name (no torch)
-    "TrainSettings": "settings", "TrainingCase": "cases", "parse_annotated_slices": "cases",
+    "TrainSettings": "settings", "ADAPTER_ONLY": "settings", "POSTPROCESS_CHOICES": "settings",
+    "TrainingCase": "cases", "parse_annotated_slices": "cases",
     "adapter_store": "store", "resolve_base": "store", "resolve_adapter": "store", "check_adapter_name": "store",
     "read_info": "files",
     "Cancelled": "progress", "torchrun_session": "distributed", "World": "distributed",

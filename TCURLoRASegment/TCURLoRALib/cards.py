@@ -151,6 +151,13 @@ class AdapterCard:
             (float >= 0), device (str), seed (int); further JSON keys (learning rate, ...) are kept.
         metrics: validation metrics (free-form JSON object).
         parent: name of the adapter this one was fine-tuned from, or None.
+        anatomy: what the labels are, by label name (``{}``: nothing declared, the default; written to the JSON only
+            when non-empty): ``"one_piece"``, the labels that are one connected piece (``segment`` keeps only their
+            largest component, :mod:`TCURLoRALib.postprocess`), and ``"left_right_pairs"``, ``[left, right]`` name
+            pairs that a left/right mirror exchanges (``train --mirror``, ``segment --tta``; when absent, pairs are
+            found from the names, :func:`TCURLoRALib.mirror.pairs_from_names`). Example:
+            ``{"one_piece": ["left hippocampus", "right hippocampus"],
+            "left_right_pairs": [["left hippocampus", "right hippocampus"]]}``.
         created: creation time, ISO 8601 with a UTC offset (default: now, UTC).
         format_version: card schema version (default :data:`ADAPTER_CARD_VERSION`; higher ones are refused).
     """
@@ -167,6 +174,7 @@ class AdapterCard:
     parent: str | None = None
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = ADAPTER_CARD_VERSION
+    anatomy: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not _is_int(self.format_version) or self.format_version < 1:
@@ -188,9 +196,26 @@ class AdapterCard:
         if self.parent is not None:
             _check_text(self.parent, "parent adapter name")
         _check_created(self.created)
+        self.anatomy = _check_anatomy(self.anatomy, self.labels)
+
+    def one_piece_channels(self) -> list[int]:
+        """Output channels (indices into ``labels``) of the labels declared one connected piece."""
+        names = set(self.anatomy.get("one_piece", ()))
+        return [index for index, label in enumerate(self.labels) if label.name in names]
+
+    def declared_pairs(self) -> list[tuple[int, int]] | None:
+        """The declared left/right pairs as (left, right) channel indices; None when the card declares none (then
+        the names decide, :func:`TCURLoRALib.mirror.pairs_from_names`)."""
+        if "left_right_pairs" not in self.anatomy:
+            return None
+        channel = {label.name: index for index, label in enumerate(self.labels)}
+        return [(channel[left], channel[right]) for left, right in self.anatomy["left_right_pairs"]]
 
     def to_json(self) -> dict[str, Any]:
-        return _to_json(self)
+        data = _to_json(self)
+        if not data["anatomy"]:  # so that a card declaring nothing reads as before anatomy existed
+            del data["anatomy"]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | str) -> AdapterCard:
@@ -336,6 +361,40 @@ def _check_training(training: Any) -> dict[str, Any]:
     _check_text(record["device"], "training device")
     if not _is_int(record["seed"]):
         raise CardError(f"training seed must be an integer, got {record['seed']!r}")
+    return record
+
+
+ANATOMY_KEYS = ("one_piece", "left_right_pairs")
+
+
+def _check_anatomy(anatomy: Any, labels: list[Label]) -> dict[str, Any]:
+    """The adapter card's ``anatomy`` (see :class:`AdapterCard`), checked against the label names."""
+    record = _check_json_object(anatomy, "anatomy")
+    unknown = sorted(set(record) - set(ANATOMY_KEYS))
+    if unknown:
+        raise CardError(f"anatomy has unknown keys {unknown}; known keys: {list(ANATOMY_KEYS)}")
+    names = [label.name for label in labels[1:]]
+
+    def label_names(items: Any, what: str) -> list[str]:
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise CardError(f"anatomy {what} must be a list of label names, got {items!r:.200}")
+        unknown_names = [item for item in items if item not in names]
+        if unknown_names:
+            raise CardError(f"anatomy {what} names {unknown_names}, which are not labels of the adapter (its "
+                            f"labels: {names})")
+        repeated = sorted({item for item in items if items.count(item) > 1})
+        if repeated:
+            raise CardError(f"anatomy {what} names {repeated} more than once")
+        return items
+
+    if "one_piece" in record:
+        label_names(record["one_piece"], "one_piece")
+    if "left_right_pairs" in record:
+        pairs = record["left_right_pairs"]
+        if not isinstance(pairs, list) or not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
+            raise CardError(f"anatomy left_right_pairs must be a list of [left, right] label-name pairs, got "
+                            f"{pairs!r:.200}")
+        label_names([name for pair in pairs for name in pair], "left_right_pairs")
     return record
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import TCURLoRALib as engine
 
-from . import TrainSettings, World, __version__
+from . import ADAPTER_ONLY, POSTPROCESS_CHOICES, TrainSettings, World, __version__
 from .progress import Cancelled, JsonLinesProgress, PlainProgress, Progress, TerminalProgress, cancellable, silent
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CANCELLED", "EXIT_INTERNAL", "EXIT_OK", "build_parser", "main"]
@@ -35,7 +35,7 @@ EXIT_INTERNAL = 3
 EXIT_CANCELLED = 130
 PROGRESS_MODES = ("auto", "bar", "plain", "json", "none")
 TRAINING_FIELDS = tuple(field.name for field in dataclasses.fields(TrainSettings))
-PRETRAINING_FIELDS = tuple(name for name in TRAINING_FIELDS if name not in ("rank", "init", "groups", "lr_u"))
+PRETRAINING_FIELDS = tuple(name for name in TRAINING_FIELDS if name not in ADAPTER_ONLY)
 TORCHRUN_COMMANDS = ("train", "pretrain")
 
 Handler = Callable[[argparse.Namespace, Progress], Any]
@@ -89,7 +89,8 @@ def _segment(args: argparse.Namespace, progress: Progress) -> None:
     result = engine.segment(
         args.image, args.output, adapter=args.adapter, base=args.base, seg_nrrd_path=args.seg_nrrd,
         probabilities_path=args.probabilities, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-        threads=args.threads, overwrite=args.overwrite, progress=progress, **_given(device=args.device),
+        threads=args.threads, postprocess=args.postprocess, tta=args.tta, overwrite=args.overwrite,
+        progress=progress, **_given(device=args.device),
     )
     if _for_people(args):
         for name, millilitres in result.volumes_ml.items():
@@ -159,6 +160,18 @@ def _labels_argument(text: str | None) -> list | None:
     return names
 
 
+def _one_piece_argument(text: str | None) -> list | str | None:
+    """``--one-piece``: ``all``, or label names separated by commas."""
+    if text is None:
+        return None
+    if text.strip().lower() == "all":
+        return "all"
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ValueError(f"--one-piece: an empty label name in {text!r} (names are separated by commas, or 'all')")
+    return names
+
+
 def _cases(args: argparse.Namespace) -> Any:
     if args.cases and args.case:
         raise ValueError("give cases either with --cases (folder or JSON) or with --case IMAGE LABEL, not both")
@@ -189,8 +202,9 @@ def _train(args: argparse.Namespace, progress: Progress) -> None:
     with engine.torchrun_session(settings.device) as parallel:
         result = engine.train_adapter(
             _cases(args), args.output, name=args.name, base=args.base, labels=_labels_argument(args.labels),
-            label_map=_json_argument(args.label_map, "--label-map"), parent=args.parent, settings=settings,
-            overwrite=args.overwrite, progress=progress, parallel=parallel,
+            label_map=_json_argument(args.label_map, "--label-map"), parent=args.parent,
+            one_piece=_one_piece_argument(args.one_piece), settings=settings, overwrite=args.overwrite,
+            progress=progress, parallel=parallel,
         )
     if result is not None and _for_people(args):  # None: a torchrun process that writes nothing
         print(f"adapter {result.card.name!r} written to {result.output_path}")
@@ -320,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--probabilities", help="also write the softmax probabilities (.nrrd, .nii.gz, .nii, .mha)")
     seg.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")
     seg.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass")
+    seg.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default=POSTPROCESS_CHOICES[0],
+                     help="largest-component: each label the adapter's card declares one connected piece keeps only "
+                          "its largest component (labels not declared are left as they are); none: the network's "
+                          "own label map")
+    seg.add_argument("--tta", action="store_true",
+                     help="test-time mirroring: also segment the image mirrored left/right and average (twice the "
+                          "time; needs left/right label pairs such as 'left X' / 'right X')")
     seg.add_argument("--overwrite", action="store_true", help="replace output files that exist")
     _add_settings(seg, plain, ("device", "threads"))
     seg.set_defaults(handler=_segment)
@@ -338,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "list of {value, name, color} (inline or a file) (default: new names in --label-map, "
                             "else the parent adapter's labels, else the base's)")
     train.add_argument("--parent", help="continue from this adapter (file or name in the store)")
+    train.add_argument("--one-piece", metavar="NAMES|all",
+                       help="labels that are one connected piece, names separated by commas or 'all'; recorded in "
+                            "the card, so that segment keeps only their largest component (default: the parent's, "
+                            "else none)")
     _add_cases(train)
     _add_settings(train, plain, TRAINING_FIELDS)
     train.set_defaults(handler=_train)

@@ -6,7 +6,8 @@ fine-tuning), so that all of them step through the same crops, augmentation, los
 
 Validation: before the first step (``validate_initial``), every ``validate_every`` steps and at the end; the state
 with the best mean foreground Dice is the one kept (the starting state included, so continuing an adapter never
-makes it worse on those cases). Reproducibility: the same inputs, seed, device, thread count and library versions
+makes it worse on those cases). A time budget (``settings.minutes``) ends the run early, on a validated state (see
+:func:`fit`). Reproducibility: the same inputs, seed, device, thread count and library versions
 give a bit-identical result inside :func:`reproducible`.
 
 Processes: :func:`fit` runs in one process (:class:`OneProcess`, the default) or as one of several that share each
@@ -21,7 +22,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -48,10 +49,11 @@ class FitResult:
 
     Args:
         validation_cases: number of validation cases (0: none, the last state was kept).
-        steps: optimiser steps run.
+        steps: optimiser steps run (fewer than ``settings.steps`` when the time budget ended the run).
         best_step: the step of the kept state; None without validation (the last state is kept).
         best: its scores ``{"dice": {label: Dice}, "mean": mean}``; None without validation.
         initial: the scores of the starting state (step 0), when it was validated.
+        stopped_by: ``"steps"`` (all of ``settings.steps`` ran) or ``"budget"`` (``settings.minutes`` was spent).
     """
 
     validation_cases: int
@@ -59,6 +61,7 @@ class FitResult:
     best_step: int | None = None
     best: dict[str, Any] | None = None
     initial: dict[str, Any] | None = None
+    stopped_by: str = "steps"
 
     def metrics_json(self) -> dict[str, Any]:
         """The card's ``metrics``: ``{"validation": {dice, mean_dice, step, cases[, initial]}}`` or ``{}``."""
@@ -135,9 +138,15 @@ def _validation_steps(steps: int, every: int) -> list[int]:
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequence[PreparedCase],
         validation_data: Sequence[PreparedCase], *, labels: Sequence[Label], patch_size: Sequence[int],
         settings: TrainSettings, progress: Progress = silent, task: str = "train",
-        validate_initial: bool = False, parallel: OneProcess = ONE_PROCESS) -> FitResult:
-    """Runs ``settings.steps`` optimiser steps, validating on the way; leaves the model holding the best validated
-    state (without validation cases, the last one).
+        validate_initial: bool = False, parallel: OneProcess = ONE_PROCESS,
+        clock: Callable[[], float] = time.monotonic) -> FitResult:
+    """Runs ``settings.steps`` optimiser steps, or fewer when ``settings.minutes`` is spent, validating on the way;
+    leaves the model holding the best validated state (without validation cases, the last one).
+
+    The time budget: after each step, if the time spent plus the duration of the latest validation (the final
+    validation still to come) reaches ``settings.minutes``, the step is validated (unless it just was) and the run
+    ends there, so the budget ends on a validated state and the best one is kept. At least one step runs. The
+    learning rate's cosine follows the larger of the fractions of steps and of the budget spent.
 
     Args:
         model: the network, on its device (crops go to the device of its parameters).
@@ -145,21 +154,36 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequence
         train_data, validation_data: prepared cases on the model grid.
         labels: the network's labels, one an output channel (validation Dice is reported by their names).
         patch_size: crop and sliding-window size (D, H, W).
-        settings: ``steps``, ``batch_size``, ``validate_every`` and ``seed`` are used here.
+        settings: ``steps``, ``minutes``, ``batch_size``, ``validate_every`` and ``seed`` are used here.
         progress: receives ``start``, a ``step`` per step (loss, ETA) and validation ``metric`` events.
         task: the task name of the ``start`` event.
         validate_initial: validate the starting state (step 0) too, record it as ``initial`` and let it be the
             best state.
         parallel: how this process shares the steps with others (default: it does not). A process that is not
             ``parallel.main`` neither validates (its result holds no scores) nor keeps a best state.
+        clock: seconds, monotonic (default ``time.monotonic``: wall time); the time budget reads it (tests and
+            benchmarks may pass another, e.g. ``time.process_time``).
 
     Raises:
         FloatingPointError: the loss became non-finite (the message says to lower ``--lr``).
+        ValueError: a time budget in a job of several processes (their clocks would end the run at different
+            steps).
     """
     steps = settings.steps
+    budget = None if settings.minutes is None else settings.minutes * 60.0
+    if budget is not None and parallel.processes > 1:
+        raise ValueError(f"--minutes works in one process only ({parallel.processes} processes share this "
+                         f"training, and their clocks would stop them at different steps): give --steps instead")
+    started = clock()
+
+    def spent() -> float:
+        """Fraction of the budget spent (0 without a budget)."""
+        return 0.0 if budget is None else (clock() - started) / budget
+
     sampler = CropSampler(train_data, patch_size, settings.seed)
     network = parallel.wrap(model)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine(step, steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine(max(step / max(steps, 1),
+                                                                                     spent())))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     device = next(model.parameters()).device
     result = FitResult(len(validation_data), steps=steps)
@@ -167,12 +191,13 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequence
     validating = bool(validation_data) and parallel.main
     pending = _validation_steps(steps, settings.validate_every) if validating else []
     validation_seconds = 0.0
+    validated_at = None
 
     def check(step: int) -> None:
-        nonlocal best_score, best_state, validation_seconds
-        started = time.monotonic()
+        nonlocal best_score, best_state, validation_seconds, validated_at
+        before = clock()
         scores = validate(model, validation_data, labels, patch_size)
-        validation_seconds = time.monotonic() - started
+        validation_seconds, validated_at = clock() - before, step
         progress("metric", name="validation_mean_dice", value=scores["mean"], step=step)
         for label_name, value in scores["dice"].items():
             progress("metric", name=f"validation_dice/{label_name}", value=value, step=step)
@@ -186,7 +211,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequence
     progress("start", task=task, total=steps)
     if validating and (validate_initial or steps == 0):
         check(0)
-    clock = EtaClock(steps)
+    eta = EtaClock(steps)
     model.train()
     for step in range(1, steps + 1):
         images, targets = parallel.batch(sampler, settings.batch_size)
@@ -202,11 +227,19 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequence
         schedule.step()
         parallel.stepped(step, model)
         validations_left = sum(1 for at in pending if at > step)
-        progress("step", step=step, total=steps, loss=round(float(loss.item()), 5),
-                 **clock.tick(step, extra_s=validations_left * validation_seconds))
-        if step in pending:
+        left = eta.tick(step, extra_s=validations_left * validation_seconds)
+        out_of_time = budget is not None and clock() - started + validation_seconds >= budget
+        if budget is not None and left["eta_s"] is not None:
+            left["eta_s"] = round(min(left["eta_s"], max(budget - (clock() - started), 0.0) + validation_seconds), 1)
+        progress("step", step=step, total=steps, loss=round(float(loss.item()), 5), **left)
+        if step in pending or (out_of_time and validating and validated_at != step):
             check(step)
-            clock.restart()
+            eta.restart()
+        if out_of_time and step < steps:
+            result.steps, result.stopped_by = step, "budget"
+            progress("log", message=f"the time budget of {settings.minutes:g} min is spent: stopping after step "
+                                    f"{step} of at most {steps}")
+            break
     if best_state is not None:
         with torch.no_grad():
             for name, parameter in trainable:
@@ -214,8 +247,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Sequence
     return result
 
 
-def _cosine(step: int, steps: int) -> float:
-    progress_fraction = min(step / max(steps, 1), 1.0)
+def _cosine(fraction: float) -> float:
+    """Learning-rate factor after ``fraction`` (0..1) of the run: a cosine from 1 down to the final fraction."""
+    progress_fraction = min(max(fraction, 0.0), 1.0)
     return _FINAL_LR_FRACTION + (1 - _FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress_fraction))
 
 

@@ -21,12 +21,15 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 from .devices import DEVICE_CHOICES, check_device
 from .tcur.names import GROUP_NAMES, INITS
 
-__all__ = ["ADAPTER_ONLY", "UNMAPPED_POLICIES", "VALIDATION_KEYWORDS", "TrainSettings", "flag"]
+__all__ = ["ADAPTER_ONLY", "POSTPROCESS_CHOICES", "UNMAPPED_POLICIES", "VALIDATION_KEYWORDS", "TrainSettings", "flag"]
 
 UNMAPPED_POLICIES = ("error", "background", "ignore")
 """What a case structure that maps to no adapter label becomes (see :mod:`TCURLoRALib.cases`)."""
 VALIDATION_KEYWORDS = ("auto", "none")
-ADAPTER_ONLY = ("rank", "init", "groups", "lr_u")
+POSTPROCESS_CHOICES = ("largest-component", "none")
+"""``segment --postprocess`` rules, the default first (:mod:`TCURLoRALib.segmentation`); here, torch-free, for the
+command line and the panels."""
+ADAPTER_ONLY = ("rank", "init", "groups", "lr_u", "mirror")
 """Settings of an adapter that pretraining (every weight trains, at ``lr``) has no use for."""
 
 
@@ -45,7 +48,16 @@ class TrainSettings:
         init: U's initialisation, ``"pinv"`` or ``"zero"``; ``None``: :attr:`NEW_INIT`, or the parent's.
         groups: ViT weight groups to adapt (``"attention"``, ``"mlp_up"``, ``"mlp_down"``); ``None``: all three, or
             the parent's.
-        steps: optimiser steps (0 writes the untrained adapter: ``ΔW = 0``, a fresh head if the labels are new).
+        steps: optimiser steps (0 writes the untrained adapter: ``ΔW = 0``, a fresh head if the labels are new);
+            with ``minutes``, the most steps the budget may run.
+        minutes: wall-time budget of the training loop in minutes, validations included; ``None``: no budget,
+            ``steps`` alone ends the run. With a budget the run ends at the budget or after ``steps``, whichever
+            comes first, with a validation of the last state; the learning rate decays over the larger of the two
+            fractions spent, so it reaches its final value whichever ends the run.
+        mirror: also train on every training case mirrored across the left-right axis, with the labels of each
+            left/right pair swapped (:mod:`TCURLoRALib.mirror`; the pairs from label names, e.g. ``left X`` /
+            ``right X``); an adapter setting only. Off by default: the few-shot benchmark measured it neutral for
+            Dice on its own (``Testing/benchmarks/README.md``, quality benchmark).
         lr: learning rate of the decoder blocks and the head (pretraining: of every weight).
         lr_u: learning rate of U.
         batch_size: crops a step.
@@ -74,7 +86,14 @@ class TrainSettings:
         "--init", "initialisation of U (both start at ΔW = 0)", choices=INITS))
     groups: Optional[tuple] = field(default=None, metadata=_option(
         "--groups", "ViT weight groups to adapt", nargs="+", choices=GROUP_NAMES))
-    steps: int = field(default=200, metadata=_option("--steps", "optimiser steps", metavar="N", type=int))
+    steps: int = field(default=200, metadata=_option(
+        "--steps", "optimiser steps (with --minutes: the most steps)", metavar="N", type=int))
+    minutes: Optional[float] = field(default=None, metadata=_option(
+        "--minutes", "wall-time budget of training in minutes, validations included: the run ends at the budget or "
+        "after --steps, whichever comes first, keeping the best validated state", metavar="M", type=float))
+    mirror: bool = field(default=False, metadata=_option(
+        "--mirror", "also train on each case mirrored left/right, with the labels of each left/right pair swapped "
+        "(pairs from label names such as 'left X' / 'right X')", action="store_true"))
     lr: float = field(default=1e-2, metadata=_option(
         "--lr", "learning rate of the decoder and the head", metavar="RATE", type=float))
     lr_u: float = field(default=1e-3, metadata=_option("--lr-u", "learning rate of U", metavar="RATE", type=float))
@@ -108,7 +127,10 @@ class TrainSettings:
         _integer(self, "seed", 0)
         if self.threads is not None:
             _integer(self, "threads", 1)
-        for name in ("lr", "lr_u"):
+        if not isinstance(self.mirror, bool):
+            raise ValueError(f"{flag('mirror')} must be true or false, got {self.mirror!r}")
+        names = ("lr", "lr_u") if self.minutes is None else ("lr", "lr_u", "minutes")
+        for name in names:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value <= 0:
@@ -182,6 +204,10 @@ class TrainSettings:
             return f"all ({' '.join(GROUP_NAMES)}){parents}"
         if name == "threads" and value is None:
             return "torch's own choice"
+        if name == "minutes" and value is None:
+            return "no budget, --steps decides"
+        if name == "mirror":
+            return "off"
         if isinstance(value, float):
             return f"{value:g}"
         return " ".join(value) if isinstance(value, tuple) else str(value)
@@ -199,6 +225,9 @@ class TrainSettings:
             if item.name == "validation" and not isinstance(value, str):
                 raise ValueError(f"{flag('validation')}: cases given as a list have no command-line spelling; "
                                  f"write them to a JSON case list")
+            if isinstance(value, bool):  # a switch: the flag alone says True, absent says False
+                arguments += [item.metadata["flag"]] if value else []
+                continue
             values = list(value) if isinstance(value, tuple) else [value]
             arguments += [item.metadata["flag"], *(repr(v) if isinstance(v, float) else str(v) for v in values)]
         return arguments

@@ -33,6 +33,7 @@ from .cards import AdapterCard, Label, ModelCard
 from .cases import IGNORE_INDEX, LabelMapping, PreparedCase, find_cases, parse_label_mapping, prepare_cases
 from .labelset import adapter_labels, describe_labels
 from .loop import DECODER_WEIGHT_DECAY, ONE_PROCESS, FitResult, OneProcess, adapter_optimizer, fit, reproducible
+from .mirror import mirrored_cases, pairs_from_names, required_pairs
 from .progress import Progress, silent
 from .settings import TrainSettings
 from .tcur import DECODER_BLOCKS, HEAD, TCURLoRAConfig, TCURLoRAModel
@@ -52,6 +53,7 @@ def train_adapter(
     name: str | None = None,
     label_map: Mapping[str, Any] | str | None = None,
     parent_adapter: PathLike | None = None,
+    one_piece: Sequence[str] | str | None = None,
     settings: TrainSettings | None = None,
     overwrite: bool = False,
     progress: Progress = silent,
@@ -73,6 +75,9 @@ def train_adapter(
         name: adapter name in the card; default: the file name without ``.safetensors``.
         label_map: case structure -> adapter label (dict, JSON text or JSON file; rules in :mod:`cases`).
         parent_adapter: an adapter file of the same base to continue from (its U, decoder and head).
+        one_piece: the labels that are one connected piece (names, or ``"all"``: every label but the background),
+            recorded in the card's ``anatomy`` so that ``segment`` keeps only their largest component; None: the
+            parent's declaration (for the labels it still has), else none.
         settings: :class:`TrainSettings` (default: its defaults).
         overwrite: replace an existing ``output_path``; without it the file is also written exclusively, so that an
             adapter another run wrote there meanwhile is never replaced.
@@ -84,8 +89,10 @@ def train_adapter(
 
     Returns:
         The card written (None in a process of a torchrun job that writes nothing). ``training`` holds cases,
-        validation_cases, steps, seconds, device, seed, lr, lr_u, batch_size, patch_size, best_step, trainable
-        parameter counts, the label mapping and the validation split;
+        validation_cases, steps (those run), max_steps, minutes (the budget, or None), stopped_by (``"steps"`` or
+        ``"budget"``), mirror, seconds, device, seed, lr, lr_u, batch_size, patch_size, best_step, trainable
+        parameter counts, the label mapping and the validation split; ``anatomy`` the one-piece labels and the
+        left/right pairs (found from the names unless the parent declared them);
         ``metrics["validation"]`` the best validation Dice per label (by label name), their mean, the step of that
         state and the starting Dice (``initial``), when there were validation cases. ``batch_size`` is the crops of
         a step in all processes together; a torchrun job adds ``distributed`` (processes, backend).
@@ -115,12 +122,20 @@ def train_adapter(
         name=name or _default_name(output_path), base_fingerprint=base.card.fingerprint, base_name=base.card.name,
         rank=config.rank, groups=list(config.groups), init=config.init, labels=choice.labels,
         training={"cases": 0, "steps": 0, "seconds": 0.0, "device": str(torch_device), "seed": settings.seed},
-        parent=parent_card.name if parent_card else None)
+        parent=parent_card.name if parent_card else None, anatomy=_anatomy(choice.labels, one_piece, parent_card))
+    pairs = required_pairs([label.name for label in choice.labels], card.declared_pairs(),
+                           "--mirror") if settings.mirror else []
     mapping = LabelMapping(choice.labels, entries, settings.unmapped, by_value=choice.by_value)
     split = split_cases(find_cases(cases), settings.validation, settings.seed)
     progress("log", message=describe_labels(choice))
     progress("log", message=split.describe())
     train_data, validation_data = _prepare(split, base.card, mapping, progress)
+    training_cases = len(train_data)  # the cases given: mirrored copies are not cases of their own
+    if settings.mirror:
+        train_data = train_data + mirrored_cases(train_data, base.card.orientation, pairs, len(choice.labels))
+        swapped = ", ".join(f"{choice.labels[a].name} <-> {choice.labels[b].name}" for a, b in pairs)
+        progress("log", message=f"mirroring: {len(train_data) // 2} training case(s) also train mirrored left/right "
+                                f"({swapped})")
 
     with reproducible(settings.seed, settings.threads):
         model = _adapted_model(base.model, config, choice.labels, new_head, parent, train_data, torch_device)
@@ -134,7 +149,7 @@ def train_adapter(
                      progress=progress, task="train adapter", validate_initial=True, parallel=parallel)
     model.eval()
     training = {
-        **_record(settings, result, torch_device, started, len(train_data), parallel), "lr_u": settings.lr_u,
+        **_record(settings, result, torch_device, started, training_cases, parallel), "lr_u": settings.lr_u,
         "patch_size": list(base.card.patch_size), "validate_every": settings.validate_every,
         "unmapped": settings.unmapped,
         "trainable": {"u": counts.u, "decoder": counts.decoder, "head": counts.head, "total": counts.total},
@@ -261,7 +276,9 @@ def _adapted_model(unetr: nn.Module, config: TCURLoRAConfig, labels: Sequence[La
 
 def _record(settings: TrainSettings, result: FitResult, device: torch.device, started: float, cases: int,
             parallel: OneProcess) -> dict[str, Any]:
-    return {"cases": cases, "validation_cases": result.validation_cases, "steps": settings.steps,
+    return {"cases": cases, "validation_cases": result.validation_cases, "steps": result.steps,
+            "max_steps": settings.steps, "minutes": settings.minutes, "stopped_by": result.stopped_by,
+            "mirror": settings.mirror,
             "seconds": round(time.monotonic() - started, 2), "device": str(device), "seed": settings.seed,
             "lr": settings.lr, "batch_size": settings.batch_size * parallel.processes, "best_step": result.best_step,
             "torch": torch.__version__, **parallel.record()}
@@ -275,6 +292,31 @@ def _split_json(split: Split) -> dict[str, Any]:
 def _default_name(output_path: Path) -> str:
     name = output_path.name
     return name[: -len(".safetensors")] if name.endswith(".safetensors") else output_path.stem
+
+
+def _anatomy(labels: Sequence[Label], one_piece: Sequence[str] | str | None,
+             parent: AdapterCard | None) -> dict[str, Any]:
+    """The new card's ``anatomy``: the one-piece labels asked for (or the parent's), and the left/right pairs (the
+    parent's declared ones where it has the labels, else found from the names)."""
+    names = [label.name for label in labels[1:]]
+    inherited = parent.anatomy if parent is not None else {}
+    if one_piece is None:
+        chosen = [name for name in inherited.get("one_piece", ()) if name in names]
+    elif isinstance(one_piece, str) and one_piece.strip().lower() == "all":
+        chosen = list(names)
+    else:
+        chosen = [one_piece] if isinstance(one_piece, str) else list(one_piece)
+        unknown = [name for name in chosen if name not in names]
+        if unknown:
+            raise ValueError(f"--one-piece names {unknown}, which are not labels of the adapter (its labels: "
+                             f"{names}; or 'all')")
+    anatomy: dict[str, Any] = {"one_piece": chosen} if chosen else {}
+    held = [pair for pair in inherited.get("left_right_pairs", ()) if all(name in names for name in pair)]
+    pairs = held if "left_right_pairs" in inherited else [
+        [labels[a].name, labels[b].name] for a, b in pairs_from_names([label.name for label in labels])]
+    if pairs:
+        anatomy["left_right_pairs"] = pairs
+    return anatomy
 
 
 def _label_json(labels: Sequence[Label]) -> list[dict[str, Any]]:

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         for path, steps in ((untrained, 0), (out, args.adapter_steps)):
             train_adapter(base_path, train_cases, adapter_labels, path, name=name, steps=steps,
                           validation=_cases(cohort, "val"), seed=0, device="cpu", threads=1, overwrite=True,
-                          progress=TerminalProgress())
+                          one_piece="all", progress=TerminalProgress())
         test_cases = _cases(cohort, "test")
         adapter_test = evaluate_on(base_path, out, test_cases, work / "eval" / name, adapter_labels)
         baseline = evaluate_on(base_path, untrained, test_cases, work / "eval" / f"{name}-untrained", adapter_labels)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Optional
 
 __all__ = ["BASE_ONLY", "DEVICES", "LR_RANGE", "OVERLAP_RANGE", "RANK_RANGE", "SEGMENT_OVERLAP", "STEPS_RANGE",
            "Device", "TrainDefaults", "train_defaults"]
@@ -42,11 +43,15 @@ class TrainDefaults:
         rank: tensor CUR rank r.
         steps: optimiser steps.
         lr: learning rate of the decoder and head.
+        minutes: wall-time budget of training (None: none, ``steps`` decides).
+        mirror: also train on the cases mirrored left/right, with left/right labels swapped.
     """
 
     rank: int
     steps: int
     lr: float
+    minutes: Optional[float] = None
+    mirror: bool = False
 
 
 def train_defaults() -> TrainDefaults:
@@ -55,4 +60,5 @@ def train_defaults() -> TrainDefaults:
     from ..settings import TrainSettings
 
     engine = TrainSettings()
-    return TrainDefaults(rank=TrainSettings.NEW_RANK, steps=engine.steps, lr=engine.lr)
+    return TrainDefaults(rank=TrainSettings.NEW_RANK, steps=engine.steps, lr=engine.lr, minutes=engine.minutes,
+                         mirror=engine.mirror)

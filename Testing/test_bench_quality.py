@@ -1,0 +1,80 @@
+"""The quality benchmark's pieces: post-processing rules do what their names say, per-label scores on a cropped box
+equal those on the whole volume, test-time mirroring maps the mirrored pass back with the sides swapped (the time
+budget and mirroring of training are the engine's, tested in test_quality_options.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import bench_quality as bench  # noqa: E402
+
+from TCURLoRALib.cards import Label  # noqa: E402
+from TCURLoRALib.cases import PreparedCase  # noqa: E402
+from TCURLoRALib.metrics import label_metrics  # noqa: E402
+
+LABELS = [Label(0, "background", (0, 0, 0)), Label(1, "left x", (200, 0, 0)), Label(2, "right x", (0, 200, 0))]
+
+
+def test_postprocessing_rules_remove_what_their_names_say():
+    image = np.zeros((30, 30, 30), np.float32)
+    image[5:25, 5:25, 5:25] = 1.0
+    train = np.zeros(image.shape, np.int64)
+    train[10:14, 10:14, 8:12] = 1
+    other = np.zeros(image.shape, np.int64)
+    other[10:14, 10:14, 14:18] = 1     # a second training case: the region spans both
+    regions = bench.learn_all_regions([PreparedCase("t", image, train), PreparedCase("u", image, other)], 3)
+    predicted = train.copy()
+    predicted[19:24, 19:24, 19:24] = 1   # a stray blob larger than the structure, outside its region
+    predicted[12, 12, 16] = 1            # a lone voxel inside the region, not touching
+    out = {rule: bench.postprocessed(predicted, image, regions, rule, 3) for rule in bench.POSTPROCESS}
+    assert int((out["none"] == 1).sum()) == 64 + 125 + 1
+    assert int((out["lcc"] == 1).sum()) == 125 and out["lcc"][21, 21, 21] == 1   # the larger piece wins alone
+    assert int((out["box"] == 1).sum()) == 64 + 1
+    assert int((out["box+lcc"] == 1).sum()) == 64 and out["box+lcc"][11, 11, 9] == 1
+
+
+def test_label_scores_on_the_cropped_box_equal_the_whole_volume():
+    rng = np.random.default_rng(1)
+    reference = np.zeros((40, 44, 36), np.uint16)
+    reference[10:20, 12:22, 8:16] = 1
+    reference[25:30, 5:9, 20:30] = 2
+    prediction = reference.copy()
+    prediction[rng.random(reference.shape) < 0.002] = 1   # scattered false positives
+    prediction[26:29, 5:9, 20:30] = 0
+    spacing = (1.0, 1.5, 2.0)
+    scores = bench.label_scores(prediction, reference, spacing, LABELS)
+    whole = label_metrics(prediction, reference, spacing, LABELS)
+    for item in whole:
+        assert scores[item.name]["dice"] == pytest.approx(item.dice, abs=1e-4)
+        assert scores[item.name]["hd95"] == pytest.approx(item.hd95_mm, abs=0.01)
+        assert scores[item.name]["predicted"] == item.prediction_voxels
+    empty = bench.label_scores(np.zeros_like(reference), np.zeros_like(reference), spacing, LABELS)
+    assert empty["left x"]["dice"] == 1.0 and empty["left x"]["hd95"] is None
+
+
+def test_test_time_mirroring_maps_the_mirrored_prediction_back_with_the_sides_swapped():
+    """A 'network' that calls every bright voxel 'left x': on the mirrored image it finds the structure mirrored;
+    mirrored back and swapped, that is the same voxels called 'right x'."""
+    def network(batch: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(batch), 10 * batch, torch.zeros_like(batch)], dim=1)
+
+    image = np.zeros((32, 32, 32), np.float32)
+    image[4:9, 10:14, 3:7] = 1.0   # asymmetric along every axis
+    card = SimpleNamespace(orientation="RAS", patch_size=(32, 32, 32))
+    direct, both = bench.softmax_passes(network, image, card, torch.device("cpu"), [(1, 2)])
+    alone, none = bench.softmax_passes(network, image, card, torch.device("cpu"))
+    bright = image > 0
+    assert none is None and direct.shape == both.shape == (3, 32, 32, 32)
+    np.testing.assert_array_equal(alone, direct)
+    assert np.all(direct.argmax(0)[bright] == 1) and np.all(direct.argmax(0)[~bright] != 1)
+    # the mirrored pass, mapped back, calls the same voxels 'right x' as strongly as the direct one 'left x'
+    mirrored = 2 * both - direct
+    np.testing.assert_allclose(mirrored[2], direct[1], atol=1e-6)
+    np.testing.assert_allclose(mirrored[1], direct[2], atol=1e-6)
