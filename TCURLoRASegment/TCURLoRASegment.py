@@ -87,6 +87,9 @@ class TCURLoRASegmentParameterNode:
         so the widget keeps it equal to this value: see TCURLoRALib.panels.adapters.AdapterList).
     device - where the network runs.
     overlap - sliding-window overlap: higher is smoother and slower.
+    keepLargestComponent - keep the largest piece of each label the adapter declares one piece (``segment
+        --postprocess largest-component``, the engine's default) or leave the network's map as it is.
+    testTimeMirroring - also segment the volume mirrored left/right and average (``segment --tta``).
     outputSegmentation - the segmentation to fill; a new one is created when None.
     """
 
@@ -95,6 +98,8 @@ class TCURLoRASegmentParameterNode:
     device: Device
     overlap: Annotated[float, WithinRange(*settings.OVERLAP_RANGE), Default(settings.SEGMENT_OVERLAP), Decimals(2),
                        SingleStep(0.05)]
+    keepLargestComponent: Annotated[bool, Default(True)]
+    testTimeMirroring: bool
     outputSegmentation: vtkMRMLSegmentationNode
 
 
@@ -173,7 +178,9 @@ class TCURLoRASegmentWidget(PanelMixin, ScriptedLoadableModuleWidget, VTKObserva
                 return
             self.refreshAdapters()
             p = self._parameterNode
-            self.startedRun(self.logic.startSegmentation(p.inputVolume, p.adapterName, p.device.value, p.overlap))
+            self.startedRun(self.logic.startSegmentation(
+                p.inputVolume, p.adapterName, p.device.value, p.overlap, postprocess=settings.postprocess_rule(p.keepLargestComponent),
+                tta=p.testTimeMirroring))
         self._updateGui()
 
     def _onJobFinished(self, run) -> None:
@@ -202,9 +209,10 @@ class TCURLoRASegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def startSegmentation(inputVolume, adapterName: str | None, device: str = "auto", overlap: float = 0.25,
-                          basePath: str | None = None):
+                          basePath: str | None = None, postprocess: str | None = None, tta: bool = False):
         """Exports the volume and starts the segmentation job; returns a TCURLoRALib.panels.runs.SegmentationRun."""
-        return runs.SegmentationRun.start(inputVolume, adapterName, device, overlap, basePath)
+        return runs.SegmentationRun.start(inputVolume, adapterName, device, overlap, basePath, postprocess=postprocess,
+                                          tta=tta)
 
     @staticmethod
     def finishSegmentation(run, segmentationNode=None):

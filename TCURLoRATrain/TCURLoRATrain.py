@@ -97,6 +97,8 @@ class TCURLoRATrainParameterNode:
     adapterName - name of the new adapter (saved in the user's adapter folder).
     improveAdapter, parentAdapter - continue from an existing adapter (its store name; kept equal to the entry shown).
     rank, steps, learningRate - training settings, starting at the engine's defaults (settings.train_defaults).
+    minutes - time budget of the training in whole minutes, 0 for none (settings.PANEL_MINUTES to start).
+    mirror - also train on the cases mirrored left/right with left/right labels swapped (``train --mirror``).
     annotatedSlicesOnly - train only on the slices (k axis) that hold a segment voxel.
     device - where training runs.
     """
@@ -111,6 +113,8 @@ class TCURLoRATrainParameterNode:
     rank: Annotated[int, WithinRange(*settings.RANK_RANGE), Default(TRAIN_DEFAULTS.rank)]
     steps: Annotated[int, WithinRange(*settings.STEPS_RANGE), Default(TRAIN_DEFAULTS.steps)]
     learningRate: Annotated[float, WithinRange(*settings.LR_RANGE), Default(TRAIN_DEFAULTS.lr), Decimals(6)]
+    minutes: Annotated[int, WithinRange(*settings.MINUTES_RANGE), Default(TRAIN_DEFAULTS.minutes)]
+    mirror: Annotated[bool, Default(TRAIN_DEFAULTS.mirror)]
     annotatedSlicesOnly: bool
     device: Device
 
@@ -295,7 +299,7 @@ class TCURLoRATrainLogic(ScriptedLoadableModuleLogic):
             caselist.case_pairs(p.caseVolumes, p.caseSegmentations), mapping, p.adapterName,
             parent=p.parentAdapter if p.improveAdapter else None, base=basePath,
             rank=None if p.improveAdapter else p.rank, steps=p.steps, lr=p.learningRate, device=p.device.value,
-            annotated_slices_only=p.annotatedSlicesOnly)
+            annotated_slices_only=p.annotatedSlicesOnly, minutes=p.minutes or None, mirror=p.mirror)
 
     @staticmethod
     def train(cases: list, mapping: dict, adapterName: str, timeout: float | None = None, **settings) -> None:

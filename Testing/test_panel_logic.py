@@ -81,7 +81,9 @@ def test_train_defaults_are_the_engines() -> None:
 
     engine = TrainSettings()
     defaults = settings.train_defaults()
-    assert defaults == settings.TrainDefaults(rank=TrainSettings.NEW_RANK, steps=engine.steps, lr=engine.lr)
+    assert defaults == settings.TrainDefaults(rank=TrainSettings.NEW_RANK, steps=engine.steps, lr=engine.lr,
+                                              minutes=settings.PANEL_MINUTES, mirror=engine.mirror)
+    assert engine.minutes is None and settings.MINUTES_RANGE[0] == 0 < settings.PANEL_MINUTES <= settings.MINUTES_RANGE[1]
     low, high = settings.RANK_RANGE
     assert low <= defaults.rank <= high and settings.LR_RANGE[0] <= defaults.lr <= settings.LR_RANGE[1]
     assert settings.STEPS_RANGE[0] <= defaults.steps <= settings.STEPS_RANGE[1]
@@ -661,3 +663,10 @@ def test_a_failing_self_test_still_fails() -> None:
     with pytest.raises(AssertionError):
         selftest.run_tests(Recorded(), ["test_fails", "test_passes"], report=lambda text: None)
     assert Recorded.log == ["setUp", "tearDown"]
+
+
+def test_the_keep_largest_piece_box_gives_the_segment_rules() -> None:
+    from TCURLoRALib.settings import POSTPROCESS_CHOICES
+
+    assert settings.postprocess_rule(True) == POSTPROCESS_CHOICES[0] == "largest-component"
+    assert settings.postprocess_rule(False) == "none" in POSTPROCESS_CHOICES

@@ -151,6 +151,19 @@ def test_segmentation_run_from_a_volume_node_to_named_segments(scene, tiny_base:
     assert not run.output_folder.exists() and not work.exists(), "both temporary folders are gone"
 
 
+def test_segment_panel_options_reach_the_engine_and_its_refusal_reaches_the_panel(scene, tiny_base: Path) -> None:
+    """"Keep largest piece" off and "Mirror and average" on: the job runs ``--postprocess none --tta``; the tiny
+    base's labels hold no left/right pair, so the engine refuses the mirroring and the run says why."""
+    volume, _ = selftest.synthetic_case(scene, 1, TARGET)
+    run = runs.SegmentationRun.start(volume, None, device="cpu", overlap=0.0, base=tiny_base, postprocess="none",
+                                     tta=True)
+    arguments = run.job.arguments
+    assert arguments[arguments.index("--postprocess") + 1] == "none" and "--tta" in arguments
+    assert run.wait(timeout=300) == "failed"
+    assert "--tta" in run.failure() and "left/right" in run.failure()
+    run.discard()
+
+
 def test_an_unknown_adapter_is_refused_before_anything_is_written(scene, tiny_base: Path, home: Path) -> None:
     volume, _ = selftest.synthetic_case(scene, 1, TARGET)
     with pytest.raises(FileNotFoundError, match="no adapter named 'gone'"):
@@ -162,7 +175,7 @@ def test_an_unknown_adapter_is_refused_before_anything_is_written(scene, tiny_ba
 def test_training_run_from_scene_cases_to_a_stored_adapter_with_its_chart(scene, tiny_base: Path, home: Path) -> None:
     cases = [selftest.synthetic_case(scene, seed, TARGET) for seed in (1, 2)]
     run = runs.TrainingRun.start(cases, {TARGET: TARGET}, " blob ", base=tiny_base, steps=2, device="cpu",
-                                 annotated_slices_only=True, seed=0)
+                                 annotated_slices_only=True, seed=0, minutes=30.0)
     assert run.name == "blob"
     labels_json = json.loads((run.job.work_dir / "labels.json").read_text())
     # Only the mapped labels: the base's others are not annotated here, so they are not taught as background either.
@@ -172,10 +185,22 @@ def test_training_run_from_scene_cases_to_a_stored_adapter_with_its_chart(scene,
     assert (home / "adapters" / "blob.safetensors").is_file()
     card = engine.adapter_store().find("blob").card
     assert card.training["steps"] == 2 and card.labels[-1].name == TARGET
+    assert (card.training["minutes"], card.training["stopped_by"]) == (30.0, "steps")
     assert column(run.chart.table_nodes["loss"], "step") == [1, 2]
     assert [choice.name for choice in engine.list_adapters().choices if choice.name == "blob"] == ["blob"]
     with pytest.raises(FileExistsError, match="'BLOB' exists already"):
         runs.TrainingRun.start(cases, {TARGET: TARGET}, "BLOB", base=tiny_base, steps=2)
+
+
+def test_mirroring_labels_without_a_left_right_pair_fails_with_the_engines_reason(scene, tiny_base: Path,
+                                                                                   home: Path) -> None:
+    cases = [selftest.synthetic_case(scene, seed, TARGET) for seed in (1, 2)]
+    run = runs.TrainingRun.start(cases, {TARGET: TARGET}, "mirrored", base=tiny_base, steps=2, device="cpu",
+                                 mirror=True)
+    assert "--mirror" in run.job.arguments
+    assert run.wait(timeout=300) == "failed"
+    assert "--mirror needs left/right label pairs" in run.failure()
+    assert not (home / "adapters" / "mirrored.safetensors").exists()
 
 
 def test_a_script_that_stops_waiting_does_not_leave_the_job_running(scene, tiny_base: Path, home: Path) -> None:

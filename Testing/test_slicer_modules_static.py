@@ -385,7 +385,8 @@ def test_train_parameter_node_defaults_come_from_the_panels_settings():
     (wrapper,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "TCURLoRATrainParameterNode"]
     defaults = {item.target.id: ast.unparse(call.args[0]) for item in wrapper.body if isinstance(item, ast.AnnAssign)
                 for call in ast.walk(item.annotation) if isinstance(call, ast.Call) and _name_of(call.func) == "Default"}
-    assert defaults == {"rank": "TRAIN_DEFAULTS.rank", "steps": "TRAIN_DEFAULTS.steps", "learningRate": "TRAIN_DEFAULTS.lr"}
+    assert defaults == {"rank": "TRAIN_DEFAULTS.rank", "steps": "TRAIN_DEFAULTS.steps", "learningRate": "TRAIN_DEFAULTS.lr",
+                        "minutes": "TRAIN_DEFAULTS.minutes", "mirror": "TRAIN_DEFAULTS.mirror"}
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -469,6 +470,53 @@ def test_ui_parameter_names_are_parameter_node_fields(module):
                 bound.add(prop.findtext("string"))
     assert bound, f"{module}.ui binds no widget to the parameter node"
     assert bound <= fields, f"SlicerParameterName values {sorted(bound - fields)} are not fields of {wrappers[0].name}"
+
+
+# Which widget classes Slicer 5.8.0's parameter-node GUI connectors bind to which field type
+# (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py at v5.8.0, each connector's canRepresent): a field bound
+# to a widget no connector represents raises when the panel opens, which only Slicer would show.
+CONNECTOR_WIDGETS = {
+    "int": {"QSpinBox", "QSlider", "QComboBox", "ctkComboBox"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget", "qMRMLSliderWidget", "ctkDoubleSlider", "ctkDoubleSpinBox",
+              "qMRMLSpinBox", "QComboBox", "ctkComboBox"},
+    "bool": {"QCheckBox", "ctkCheckBox", "QPushButton", "QComboBox", "ctkComboBox"},
+    "str": {"QLineEdit", "QLabel", "QTextEdit", "QComboBox", "ctkComboBox"},
+    "enum": {"QComboBox", "ctkComboBox"},
+    "node": {"qMRMLNodeComboBox"},
+}
+ENUM_FIELD_TYPES = {"Device"}
+
+
+def _field_kind(annotation: ast.expr) -> str:
+    """The connector kind of a wrapper field: ``Annotated[int, ...]`` is ``int``; ``vtkMRML...`` a node."""
+    if isinstance(annotation, ast.Subscript) and _name_of(annotation.value) == "Annotated":
+        return _field_kind(annotation.slice.elts[0])
+    name = _name_of(annotation) if isinstance(annotation, (ast.Name, ast.Attribute)) else ast.unparse(annotation)
+    if name.startswith("vtkMRML"):
+        return "node"
+    return "enum" if name in ENUM_FIELD_TYPES else name
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_bound_widget_is_one_a_slicer_connector_represents_for_its_field(module):
+    classes = _top_level_classes(_parse_module(module))
+    (wrapper,) = [c for c in classes.values() if any(_name_of(d) == "parameterNodeWrapper" for d in c.decorator_list)]
+    kinds = {node.target.id: _field_kind(node.annotation) for node in wrapper.body if isinstance(node, ast.AnnAssign)}
+    bound = {}
+    for widget in _ui_widgets(module):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[widget.get("name")] = (widget.get("class"), prop.findtext("string"))
+    mismatched = [f"{name} ({cls}) -> {field}: {kinds[field]}" for name, (cls, field) in bound.items()
+                  if cls not in CONNECTOR_WIDGETS.get(kinds[field], set())]
+    assert not mismatched, f"no Slicer 5.8 connector binds these widgets to their fields: {mismatched}"
+    assert {"int", "float", "bool"} & {kinds[field] for _, field in bound.values()}, "the check saw no plain field"
+
+
+def test_the_connector_check_catches_a_spin_box_bound_to_a_float():
+    assert _field_kind(ast.parse("Annotated[float, WithinRange(0, 1)]", mode="eval").body) == "float"
+    assert "QSpinBox" not in CONNECTOR_WIDGETS["float"] and "QCheckBox" not in CONNECTOR_WIDGETS["int"]
+    assert _field_kind(ast.parse("vtkMRMLScalarVolumeNode", mode="eval").body) == "node"
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -91,13 +91,14 @@ class SegmentationRun(Run):
 
     @classmethod
     def start(cls, volume: Any, adapter: str | None, device: str = "auto", overlap: float = 0.25,
-              base: str | os.PathLike | None = None, python: str | None = None) -> SegmentationRun:
+              base: str | os.PathLike | None = None, python: str | None = None, *, postprocess: str | None = None,
+              tta: bool = False) -> SegmentationRun:
         """Exports ``volume`` and starts the segmentation; returns at once.
 
         Args:
             volume: a scalar volume node with image data.
             adapter: store name of the adapter; None or ``""`` for the base alone.
-            device, overlap, base: see :func:`~.arguments.segment_arguments`.
+            device, overlap, base, postprocess, tta: see :func:`~.arguments.segment_arguments`.
             python: the interpreter (default: :func:`~.requirements.python_for_jobs`).
 
         Raises:
@@ -115,7 +116,7 @@ class SegmentationRun(Run):
         try:
             image = mrml.export_volume(volume, work / "input.nii.gz")
             arguments = segment_arguments(image, output / "labels.nii.gz", adapter=adapter, device=device,
-                                          overlap=overlap, base=base)
+                                          overlap=overlap, base=base, postprocess=postprocess, tta=tta)
             job = jobs.Job(arguments, python=python or python_for_jobs(sys.executable), work_dir=work)
             job.start()
         except BaseException:
@@ -187,6 +188,8 @@ class TrainingRun(Run):
         device: str = "auto",
         annotated_slices_only: bool = False,
         seed: int | None = None,
+        minutes: float | None = None,
+        mirror: bool = False,
         python: str | None = None,
     ) -> TrainingRun:
         """Exports the cases and starts the training; returns at once.
@@ -199,6 +202,9 @@ class TrainingRun(Run):
             base: base-model file, None for the shipped base.
             rank, steps, lr, device, seed: training settings (None: the engine's defaults); no rank with a parent.
             annotated_slices_only: train on the slices that hold a segment voxel only.
+            minutes: wall-time budget of the training (None: ``steps`` alone decides).
+            mirror: also train on the cases mirrored left/right (the labels need left/right pairs, or the job exits
+                with the engine's message naming them).
             python: the interpreter (default: :func:`~.requirements.python_for_jobs`).
 
         Raises:
@@ -218,7 +224,8 @@ class TrainingRun(Run):
             cases_json = export_cases(cases, by_segment, work, annotated_slices_only)
             labels_json = write_labels_json(work / "labels.json", labels) if labels != start_labels else None
             arguments = train_arguments(cases_json, name=name, base=base, parent=parent, labels_json=labels_json,
-                                        rank=rank, steps=steps, lr=lr, device=device, seed=seed)
+                                        rank=rank, steps=steps, lr=lr, device=device, seed=seed, minutes=minutes,
+                                        mirror=mirror)
             job = jobs.Job(arguments, python=python or python_for_jobs(sys.executable), work_dir=work)
             job.start()
         except BaseException:

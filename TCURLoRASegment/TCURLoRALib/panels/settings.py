@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Optional
 
-__all__ = ["BASE_ONLY", "DEVICES", "LR_RANGE", "OVERLAP_RANGE", "RANK_RANGE", "SEGMENT_OVERLAP", "STEPS_RANGE",
-           "Device", "TrainDefaults", "train_defaults"]
+__all__ = ["BASE_ONLY", "DEVICES", "LR_RANGE", "MINUTES_RANGE", "OVERLAP_RANGE", "PANEL_MINUTES", "RANK_RANGE",
+           "SEGMENT_OVERLAP", "STEPS_RANGE", "Device", "TrainDefaults", "postprocess_rule", "train_defaults"]
 
 DEVICES = ("auto", "cpu", "cuda")
 """Device choices of both panels, as the CLI spells them (a subset of ``devices.DEVICE_CHOICES``: the panels offer
@@ -19,6 +18,12 @@ OVERLAP_RANGE = (0.0, 0.9)
 RANK_RANGE = (1, 64)
 STEPS_RANGE = (1, 100_000)
 LR_RANGE = (1e-6, 1.0)
+MINUTES_RANGE = (0, 24 * 60)
+"""Whole minutes of the Train panel's time budget; 0 is no budget (``steps`` alone decides)."""
+PANEL_MINUTES = 10
+"""The Train panel's time budget (the CLI has none by default): someone at the scanner waits for the adapter, and
+10 minutes of one CPU thread ran 450-490 steps in the few-shot benchmark (Testing/benchmarks/README.md,
+``bench_quality.py``), more than the 200 steps the panel starts from need on most machines."""
 
 _DEVICE_LABELS = {"auto": "Auto (GPU if available)", "cpu": "CPU", "cuda": "GPU (CUDA)"}
 
@@ -43,22 +48,28 @@ class TrainDefaults:
         rank: tensor CUR rank r.
         steps: optimiser steps.
         lr: learning rate of the decoder and head.
-        minutes: wall-time budget of training (None: none, ``steps`` decides).
+        minutes: wall-time budget of training in whole minutes (0: none, ``steps`` decides).
         mirror: also train on the cases mirrored left/right, with left/right labels swapped.
     """
 
     rank: int
     steps: int
     lr: float
-    minutes: Optional[float] = None
+    minutes: int = 0
     mirror: bool = False
 
 
 def train_defaults() -> TrainDefaults:
-    """The engine's training defaults (:class:`~TCURLoRALib.settings.TrainSettings`, torch-free), for the Train
-    panel's parameter node: the one place the panels take them from."""
+    """The engine's training defaults (:class:`~TCURLoRALib.settings.TrainSettings`, torch-free) and the panel's
+    time budget (:data:`PANEL_MINUTES`), for the Train panel's parameter node: the one place the panels take them
+    from."""
     from ..settings import TrainSettings
 
     engine = TrainSettings()
-    return TrainDefaults(rank=TrainSettings.NEW_RANK, steps=engine.steps, lr=engine.lr, minutes=engine.minutes,
+    return TrainDefaults(rank=TrainSettings.NEW_RANK, steps=engine.steps, lr=engine.lr, minutes=PANEL_MINUTES,
                          mirror=engine.mirror)
+
+
+def postprocess_rule(keep_largest_component: bool) -> str:
+    """The ``segment --postprocess`` rule of the Segment panel's "Keep largest piece" check box."""
+    return "largest-component" if keep_largest_component else "none"
