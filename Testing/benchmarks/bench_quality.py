@@ -67,9 +67,12 @@ CASE_SPACING = 1.0
 VARIANTS = {"plain": {"mirror": False, "spacing": 2.0}, "mirror": {"mirror": True, "spacing": 2.0},
             "fine15": {"mirror": True, "spacing": 1.5}, "fine15-plain": {"mirror": False, "spacing": 1.5},
             "mirror-all5": {"mirror": True, "spacing": 2.0, "validation": "none"},
-            "fine15-all5": {"mirror": True, "spacing": 1.5, "validation": "none"}}
-"""Variant -> mirroring, model-grid spacing (mm) and validation (``train``'s rule, default ``"auto"``: one of the
-five held out; ``"none"``: all five train and the last state is kept)."""
+            "fine15-all5": {"mirror": True, "spacing": 1.5, "validation": "none"},
+            "decoder-all5": {"mirror": True, "spacing": 2.0, "validation": "none", "decoder_only": True}}
+"""Variant -> mirroring, model-grid spacing (mm), validation (``train``'s rule, default ``"auto"``: one of the
+five held out; ``"none"``: all five train and the last state is kept) and, for the comparison without tCURLoRA,
+``decoder_only``: the frozen base with only decoder and head trained (no adapter on the ViT, so no adapter cost in
+the budget either)."""
 POSTPROCESS = {"none": (None, False), "lcc": (None, True), "box": (0.05, False), "box+lcc": (0.05, True),
                "box10+lcc": (0.10, True)}
 """Rule -> (region margin in brain-box units or None, keep the largest component of each label)."""
@@ -271,7 +274,7 @@ def fewshot_job(spec: dict) -> dict:
     from TCURLoRALib.mirror import mirrored_cases, pairs_from_names  # noqa: PLC0415
     from TCURLoRALib.paths import shipped_models_dir  # noqa: PLC0415
     from TCURLoRALib.settings import TrainSettings  # noqa: PLC0415
-    from TCURLoRALib.tcur import GROUP_NAMES, TCURLoRAConfig, TCURLoRAModel  # noqa: PLC0415
+    from TCURLoRALib.tcur import DECODER_BLOCKS, GROUP_NAMES, HEAD, TCURLoRAConfig, TCURLoRAModel  # noqa: PLC0415
     from TCURLoRALib.train import start_head_at_prior  # noqa: PLC0415
     from TCURLoRALib.validation import split_cases  # noqa: PLC0415
 
@@ -303,11 +306,19 @@ def fewshot_job(spec: dict) -> dict:
         attach_head(unetr, labels)
         start_head_at_prior(unetr, train_data)
         rank, init, groups = settings.resolved()
-        model = TCURLoRAModel(unetr, TCURLoRAConfig(rank=rank, init=init, groups=groups)).to(device)
-        counts = model.mark_trainable(train_head=True)
-        u_parameters = [group.u for group in model.groups.values()]
+        if variant.get("decoder_only"):
+            model = unetr.to(device)
+            model.requires_grad_(False)
+            for part in DECODER_BLOCKS + (HEAD,):
+                getattr(model, part).requires_grad_(True)
+            u_parameters = []
+        else:
+            model = TCURLoRAModel(unetr, TCURLoRAConfig(rank=rank, init=init, groups=groups)).to(device)
+            model.mark_trainable(train_head=True)
+            u_parameters = [group.u for group in model.groups.values()]
         u_ids = {id(p) for p in u_parameters}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in u_ids]
+        trainable = sum(p.numel() for p in u_parameters) + sum(p.numel() for p in others)
         optimizer = adapter_optimizer(u_parameters, others, settings.lr, settings.lr_u)
         train_wall, train_cpu = time.monotonic(), time.process_time()
         result = fit(model, optimizer, train_data, validation_data, labels=labels, patch_size=card.patch_size,
@@ -315,7 +326,7 @@ def fewshot_job(spec: dict) -> dict:
         train_wall, train_cpu = time.monotonic() - train_wall, time.process_time() - train_cpu
         model.eval()
         evaluation = evaluate_model(model, card, labels, fewshot_tests(cases_dir, held_out), regions, device, pairs)
-    if spec.get("adapters"):
+    if spec.get("adapters") and not variant.get("decoder_only"):
         record = {"cases": len(train_cases), "steps": result.steps, "seconds": round(train_wall, 1),
                   "device": str(device), "seed": seed, "spacing_mm": variant["spacing"], "variant": spec["variant"]}
         adapter_card = AdapterCard(name=f"hippocampus-{spec['variant']}-{held_out}", base_fingerprint=card.fingerprint,
@@ -325,7 +336,7 @@ def fewshot_job(spec: dict) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         save_adapter(folder / f"{adapter_card.name}-s{seed}.safetensors", model, adapter_card, include_head=True)
     return {"train_cases": [case.name for case in train_cases], "validation_cases": [c.name for c in validation_cases],
-            "mirrored": variant["mirror"], "spacing": variant["spacing"], "trainable": counts.total,
+            "mirrored": variant["mirror"], "spacing": variant["spacing"], "trainable": trainable,
             "steps": result.steps, "best_step": result.best_step, "best_validation": result.best,
             "train_wall_s": round(train_wall, 1), "train_cpu_s": round(train_cpu, 1), "prepare_s": round(prepared_s, 1),
             "total_wall_s": round(time.monotonic() - wall_started, 1),
