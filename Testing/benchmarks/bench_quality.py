@@ -485,6 +485,22 @@ def _per_individual(cases: Sequence[dict], rule: str, label: str, key: str) -> l
     return [statistics.mean(values) for values in by_source.values()]
 
 
+def group_metrics(cases: Sequence[dict], sources: Sequence[str], rule: str) -> dict:
+    """Dice and HD95 of each label over the cases of `sources` (mean over individuals, each the mean of its cases),
+    and their means over labels: the numbers of :func:`shipped_tables`' row, for an adapter card."""
+    mine = [case for case in cases if case["source"] in sources]
+    scores: dict[str, Any] = {}
+    dice_all, hd_all = [], []
+    for name in mine[0]["rules"][rule]["labels"]:
+        dice, hd = _per_individual(mine, rule, name, "dice"), _per_individual(mine, rule, name, "hd95")
+        scores[name] = {"dice": round(statistics.mean(dice), 2), "hd95_mm": round(statistics.mean(hd), 1) if hd else None}
+        dice_all += dice
+        hd_all += hd
+    scores["mean_dice"] = round(statistics.mean(dice_all), 3)
+    scores["mean_hd95_mm"] = round(statistics.mean(hd_all), 1) if hd_all else None
+    return scores
+
+
 def _empty(cases: Sequence[dict], rule: str, label: str) -> int:
     return sum(1 for case in cases if case["rules"][rule]["labels"][label]["predicted"] == 0)
 
