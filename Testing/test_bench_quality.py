@@ -9,12 +9,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import bench_quality as bench  # noqa: E402
 
+from TCURLoRALib import volumes  # noqa: E402
 from TCURLoRALib.cards import Label  # noqa: E402
 from TCURLoRALib.cases import PreparedCase  # noqa: E402
 from TCURLoRALib.metrics import label_metrics  # noqa: E402
@@ -148,3 +150,26 @@ def test_record_quality_writes_the_figures_and_command_into_the_card_and_keeps_t
     assert test["held_out_individuals"]["postprocess none"]["left hippocampus"] == {"dice": 0.5, "hd95_mm": 3.0}
     assert test["other_protocol"]["postprocess largest-component"]["right hippocampus"]["dice"] == 0.25
     assert card["training"]["command"] == "train it" and card["anatomy"]
+
+
+def test_smooth_winners_are_the_argmax_of_the_probabilities_resampled_whole():
+    """Channel by channel with a running maximum gives the classes of the whole vector resampling (an independent
+    path: one sitk vector image), ties to the lower class; on an oblique grid of another spacing."""
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(30, 34, 26)).astype(np.float32))
+    image.SetSpacing((0.9, 1.1, 1.3))
+    image.SetDirection(sitk.VersorRigid3DTransform((0.1, 0.2, 0.3, 0.9)).GetMatrix())
+    prepared = volumes.prepare_for_model(image, (2.0, 1.5, 2.5), "RAS", {"kind": "zscore_nonzero"})
+    mapping = prepared.mapping
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4,) + mapping.model_grid.shape).astype(np.float32)
+    logits[3] = logits[2]   # two equal channels: the lower one must win, as argmax does
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=0)
+    winners = bench.smooth_winners(mapping, probabilities)
+    assert winners.shape == mapping.input_grid.shape and winners.dtype == np.uint16
+    np.testing.assert_array_equal(winners, mapping.probabilities_to_input(probabilities).argmax(axis=0))
+    assert set(np.unique(winners)) == {0, 1, 2}
+    # smoother than nearest neighbour where the grids differ: a different map, mostly the same classes
+    nearest = mapping.labels_to_input(probabilities.argmax(axis=0).astype(np.uint16))
+    assert 0 < np.mean(winners != nearest) < 0.5
+    with pytest.raises(ValueError, match=r"probabilities must have shape \(C, \*\(.*\)\) on the model grid"):
+        bench.smooth_winners(mapping, probabilities[:, 1:])

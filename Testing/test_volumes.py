@@ -166,26 +166,6 @@ def test_probabilities_map_back_linearly_and_stay_normalised():
         mapping.probabilities_to_input(probabilities[:, :-1])
 
 
-def test_winners_on_input_are_the_argmax_of_the_probabilities_resampled_whole():
-    """Channel by channel with a running maximum gives the classes of the whole vector resampling (an independent
-    path: one sitk vector image), ties to the lower class; on an oblique grid of another spacing."""
-    prepared = volumes.prepare_for_model(_image(), (2.0, 1.5, 2.5), "RAS", ZSCORE)
-    mapping = prepared.mapping
-    rng = np.random.default_rng(3)
-    logits = rng.normal(size=(4,) + mapping.model_grid.shape).astype(np.float32)
-    logits[3] = logits[2]   # two equal channels: the lower one must win, as argmax does
-    probabilities = np.exp(logits) / np.exp(logits).sum(axis=0)
-    winners = mapping.winners_on_input(probabilities)
-    assert winners.shape == GRID.shape and winners.dtype == np.uint16
-    np.testing.assert_array_equal(winners, mapping.probabilities_to_input(probabilities).argmax(axis=0))
-    assert set(np.unique(winners)) == {0, 1, 2}
-    # smoother than nearest neighbour where the grids differ: a different map, mostly the same classes
-    nearest = mapping.labels_to_input(probabilities.argmax(axis=0).astype(np.uint16))
-    assert 0 < np.mean(winners != nearest) < 0.5
-    with pytest.raises(ValueError, match=r"probabilities must have shape \(C, \*\(.*\)\) on the model grid"):
-        mapping.winners_on_input(probabilities[:, 1:])
-
-
 # ---------------------------------------------------------------- formats
 
 

@@ -97,38 +97,6 @@ class GridMapping:
         result = sitk.GetArrayFromImage(resampled).reshape(self.input_grid.shape + (probabilities.shape[0],))
         return np.ascontiguousarray(np.moveaxis(result, -1, 0))
 
-    def winners_on_input(self, probabilities: np.ndarray) -> np.ndarray:
-        """The most probable class of every input voxel, from probabilities on the model grid resampled linearly.
-
-        The same classes as ``probabilities_to_input(probabilities).argmax(0)`` (ties to the lower class), but one
-        channel at a time: two input-grid arrays in memory instead of C. Where the model grid is coarser than the
-        input grid, a boundary follows the interpolated probabilities between model voxels instead of the staircase
-        that resampling the label map by nearest neighbour leaves (measured in the quality benchmark,
-        Testing/benchmarks/README.md).
-
-        Args:
-            probabilities: float array (C, D, H, W) with (D, H, W) = model_grid.shape.
-
-        Returns:
-            Class indices (channel positions, not label values), uint16 array (z, y, x) = input_grid.shape.
-        """
-        probabilities = np.asarray(probabilities)
-        if probabilities.ndim != 4 or probabilities.shape[1:] != self.model_grid.shape or not probabilities.shape[0]:
-            raise ValueError(f"probabilities must have shape (C, *{self.model_grid.shape}) on the model grid, "
-                             f"got {probabilities.shape}")
-        winners = np.zeros(self.input_grid.shape, dtype=np.uint16)
-        best = None
-        for channel, channel_probabilities in enumerate(probabilities):
-            image = self.model_grid.image_from_array(channel_probabilities.astype(np.float32))
-            on_input = sitk.GetArrayFromImage(resample(image, self.input_grid, sitk.sitkLinear))
-            if best is None:
-                best = on_input
-                continue
-            better = on_input > best
-            winners[better] = channel
-            np.maximum(best, on_input, out=best)
-        return winners
-
     @staticmethod
     def _resample_labels(array: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray:
         image = source.image_from_array(array.astype(np.uint16, copy=False))

@@ -166,12 +166,49 @@ def softmax_passes(network, image, card, device, pairs=()) -> tuple:
     return direct.cpu().numpy(), ((direct + mirrored) / 2).cpu().numpy()
 
 
+def smooth_winners(mapping, probabilities):
+    """The most probable class of every case voxel from model-grid probabilities resampled linearly onto the case
+    grid (``mapping.input_grid``), one channel at a time; ties to the lower class, as ``argmax``.
+
+    Where the model grid is coarser than the case, a border then follows the interpolated probabilities instead of
+    the model grid's staircase that nearest-neighbour resampling of the label map leaves. Measured as the rules
+    ``smooth*``; ``segment`` does not use it (Testing/benchmarks/README.md says why).
+
+    Args:
+        mapping: a ``modelgrid.GridMapping``.
+        probabilities: float array (C, D, H, W) on ``mapping.model_grid``.
+
+    Returns:
+        Class indices, uint16 array (z, y, x) of ``mapping.input_grid``.
+    """
+    import numpy as np  # noqa: PLC0415
+    import SimpleITK as sitk  # noqa: PLC0415
+
+    from TCURLoRALib.geometry import resample  # noqa: PLC0415
+
+    if probabilities.ndim != 4 or probabilities.shape[1:] != mapping.model_grid.shape or not probabilities.shape[0]:
+        raise ValueError(f"probabilities must have shape (C, *{mapping.model_grid.shape}) on the model grid, "
+                         f"got {probabilities.shape}")
+    winners = np.zeros(mapping.input_grid.shape, dtype=np.uint16)
+    best = None
+    for channel, channel_probabilities in enumerate(probabilities):
+        image = mapping.model_grid.image_from_array(channel_probabilities.astype(np.float32))
+        on_input = sitk.GetArrayFromImage(resample(image, mapping.input_grid, sitk.sitkLinear))
+        if best is None:
+            best = on_input
+            continue
+        better = on_input > best
+        winners[better] = channel
+        np.maximum(best, on_input, out=best)
+    return winners
+
+
 def evaluate_model(network, card, labels: list, entries: Sequence[dict], regions: dict, device, pairs=()) -> list:
     """Every post-processing rule on every case (and, with left/right `pairs`, test-time mirroring: rules ``tta``
     and ``tta+lcc``): one record a case. The rules of :data:`POSTPROCESS` and ``tta`` send the model-grid label map
     to the case grid by nearest neighbour; ``smooth`` (``smooth+lcc``, ``tta+smooth``, ``tta+smooth+lcc``) takes
     the most probable class of each case voxel from the probabilities resampled linearly
-    (``GridMapping.winners_on_input``), the largest component then taken on the case grid."""
+    (:func:`smooth_winners`), the largest component then taken on the case grid."""
     import numpy as np  # noqa: PLC0415
     import SimpleITK as sitk  # noqa: PLC0415
 
@@ -196,7 +233,7 @@ def evaluate_model(network, card, labels: list, entries: Sequence[dict], regions
         on_input = {rule: prepared.mapping.labels_to_input(values[cleaned]) for rule, cleaned in maps.items()}
         for prefix, probabilities in (("", softmax), ("tta+", both)):
             if probabilities is not None:
-                smooth = prepared.mapping.winners_on_input(probabilities)
+                smooth = smooth_winners(prepared.mapping, probabilities)
                 on_input[f"{prefix}smooth"] = values[smooth]
                 on_input[f"{prefix}smooth+lcc"] = values[keep_largest_component(smooth, range(1, len(labels)))]
         by_rule = {rule: {"labels": label_scores(label_map, reference, reference_image.GetSpacing(), labels)}
