@@ -13,7 +13,10 @@ Parts (each a list of jobs; at most ``--jobs`` worker processes at once, one tor
   of the five out), trained by the engine's loop (``loop.fit``, ``train``'s defaults) under a budget of ``--minutes``
   of CPU time of one thread (``TrainSettings.minutes`` with a CPU clock), in each variant of :data:`VARIANTS`
   (``--mirror`` or not, model grid 2 or 1.5 mm, validation or none); evaluated on two cases of the
-  held-out donor and, as another protocol, two ``mni152-nmm`` cases, with every post-processing rule.
+  held-out donor and, as another protocol, two ``mni152-nmm`` cases, with every post-processing rule. The variant
+  ``decoder-all5`` trains the same way without tCURLoRA (decoder and head only), the comparison of goal 5.
+- ``reevaluate``: the saved adapters of the few-shot runs in ``--out`` evaluated again with every rule of
+  :data:`EVALUATED_RULES` (for runs made before a rule existed); the report merges them into those runs.
 
 Every prediction: the image is prepared as ``segment`` prepares it (``volumes.prepare_for_model``), the network
 runs by sliding windows on the model grid (``segmentation.sliding_window_logits``, as ``segment`` runs it; with
@@ -28,6 +31,7 @@ Run from the repository root::
 
     python Testing/benchmarks/bench_quality.py --out /tmp/quality/run --part shipped
     python Testing/benchmarks/bench_quality.py --out /tmp/quality/run --part fewshot --variants plain mirror
+    python Testing/benchmarks/bench_quality.py --out /tmp/quality/run --part reevaluate
     python Testing/benchmarks/bench_quality.py --out /tmp/quality/run --part report
 
 A candidate for a shipped adapter is measured the same way from a folder of models (``--models``, a fresh ``--out``).
