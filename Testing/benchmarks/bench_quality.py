@@ -72,11 +72,12 @@ VARIANTS = {"plain": {"mirror": False, "spacing": 2.0}, "mirror": {"mirror": Tru
             "fine15": {"mirror": True, "spacing": 1.5}, "fine15-plain": {"mirror": False, "spacing": 1.5},
             "mirror-all5": {"mirror": True, "spacing": 2.0, "validation": "none"},
             "fine15-all5": {"mirror": True, "spacing": 1.5, "validation": "none"},
-            "decoder-all5": {"mirror": True, "spacing": 2.0, "validation": "none", "decoder_only": True}}
+            "decoder-all5": {"mirror": True, "spacing": 2.0, "validation": "none", "decoder_only": True},
+            "mirror-all5-lru": {"mirror": True, "spacing": 2.0, "validation": "none", "lr_u": 1e-2}}
 """Variant -> mirroring, model-grid spacing (mm), validation (``train``'s rule, default ``"auto"``: one of the
 five held out; ``"none"``: all five train and the last state is kept) and, for the comparison without tCURLoRA,
 ``decoder_only``: the frozen base with only decoder and head trained (no adapter on the ViT, so no adapter cost in
-the budget either)."""
+the budget either); ``lr_u``: U's learning rate instead of ``train``'s (``--lr-u``)."""
 POSTPROCESS = {"none": (None, False), "lcc": (None, True), "box": (0.05, False), "box+lcc": (0.05, True),
                "box10+lcc": (0.10, True)}
 """Rule -> (region margin in brain-box units or None, keep the largest component of each label)."""
@@ -330,7 +331,8 @@ def fewshot_job(spec: dict) -> dict:
                for donor in DONORS if donor != held_out]
     by_name = {entry["name"]: entry for entry in entries}
     settings = TrainSettings(steps=BUDGET_MAX_STEPS, minutes=spec["minutes"], seed=seed, threads=1,
-                             validation=variant.get("validation", "auto"), mirror=variant["mirror"])
+                             validation=variant.get("validation", "auto"), mirror=variant["mirror"],
+                             **{key: variant[key] for key in ("lr_u",) if key in variant})
     split = split_cases(find_cases([{"image": e["image"], "label": e["label"], "name": e["name"]} for e in entries]),
                         settings.validation, seed)
     train_cases, validation_cases = split.train, split.validation
