@@ -179,8 +179,8 @@ class TCURLoRASegmentWidget(PanelMixin, ScriptedLoadableModuleWidget, VTKObserva
             self.refreshAdapters()
             p = self._parameterNode
             self.startedRun(self.logic.startSegmentation(
-                p.inputVolume, p.adapterName, p.device.value, p.overlap, postprocess=settings.postprocess_rule(p.keepLargestComponent),
-                tta=p.testTimeMirroring))
+                p.inputVolume, p.adapterName, p.device.value, p.overlap,
+                postprocess=settings.postprocess_rule(p.keepLargestComponent), tta=p.testTimeMirroring))
         self._updateGui()
 
     def _onJobFinished(self, run) -> None:

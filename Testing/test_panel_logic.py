@@ -83,7 +83,8 @@ def test_train_defaults_are_the_engines() -> None:
     defaults = settings.train_defaults()
     assert defaults == settings.TrainDefaults(rank=TrainSettings.NEW_RANK, steps=engine.steps, lr=engine.lr,
                                               minutes=settings.PANEL_MINUTES, mirror=engine.mirror)
-    assert engine.minutes is None and settings.MINUTES_RANGE[0] == 0 < settings.PANEL_MINUTES <= settings.MINUTES_RANGE[1]
+    assert engine.minutes is None
+    assert settings.MINUTES_RANGE[0] == 0 < settings.PANEL_MINUTES <= settings.MINUTES_RANGE[1]
     low, high = settings.RANK_RANGE
     assert low <= defaults.rank <= high and settings.LR_RANGE[0] <= defaults.lr <= settings.LR_RANGE[1]
     assert settings.STEPS_RANGE[0] <= defaults.steps <= settings.STEPS_RANGE[1]

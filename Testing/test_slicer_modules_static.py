@@ -385,8 +385,9 @@ def test_train_parameter_node_defaults_come_from_the_panels_settings():
     (wrapper,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "TCURLoRATrainParameterNode"]
     defaults = {item.target.id: ast.unparse(call.args[0]) for item in wrapper.body if isinstance(item, ast.AnnAssign)
                 for call in ast.walk(item.annotation) if isinstance(call, ast.Call) and _name_of(call.func) == "Default"}
-    assert defaults == {"rank": "TRAIN_DEFAULTS.rank", "steps": "TRAIN_DEFAULTS.steps", "learningRate": "TRAIN_DEFAULTS.lr",
-                        "minutes": "TRAIN_DEFAULTS.minutes", "mirror": "TRAIN_DEFAULTS.mirror"}
+    assert defaults == {"rank": "TRAIN_DEFAULTS.rank", "steps": "TRAIN_DEFAULTS.steps",
+                        "learningRate": "TRAIN_DEFAULTS.lr", "minutes": "TRAIN_DEFAULTS.minutes",
+                        "mirror": "TRAIN_DEFAULTS.mirror"}
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -536,7 +536,8 @@ def group_metrics(cases: Sequence[dict], sources: Sequence[str], rule: str) -> d
     dice_all, hd_all = [], []
     for name in mine[0]["rules"][rule]["labels"]:
         dice, hd = _per_individual(mine, rule, name, "dice"), _per_individual(mine, rule, name, "hd95")
-        scores[name] = {"dice": round(statistics.mean(dice), 2), "hd95_mm": round(statistics.mean(hd), 1) if hd else None}
+        scores[name] = {"dice": round(statistics.mean(dice), 2),
+                        "hd95_mm": round(statistics.mean(hd), 1) if hd else None}
         dice_all += dice
         hd_all += hd
     scores["mean_dice"] = round(statistics.mean(dice_all), 3)
